@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Debian packages the test suite drives for real: Chromium (docs site in a browser), PostgreSQL (Optuna storage).
+set -euo pipefail
+need=()
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+{ command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || need+=(postgresql)
+[ ${#need[@]} -eq 0 ] && exit 0
+echo "== installing Debian packages: ${need[*]}"
+sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" fonts-dejavu-core >/dev/null
