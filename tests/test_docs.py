@@ -94,4 +94,4 @@ def test_browser_renders_titles_and_screenshot(site, server, tmp_path, artifacts
     from PIL import Image
     with Image.open(shot) as im:
         assert im.size == (1280, 900)
-        assert len(set(im.convert('L').resize((64, 48)).getdata())) > 20   # a rendered page, not a blank canvas
+        assert len(set(im.convert('L').resize((64, 48)).tobytes())) > 20   # a rendered page, not a blank canvas
