@@ -31,12 +31,6 @@ __all__ = ['Task', 'IMAGE_EXTENSIONS', 'ImageMode', 'SPLIT_ALIASES', 'FORMATS', 
            'write_yolo', 'read_voc', 'write_voc', 'read_sku110k', 'read_folder', 'write_folder', 'read_grocery',
            'grocery_sample', 'detect_format', 'load_dataset', 'save_dataset']
 
-# %% ../../nbs/10_formats.ipynb #11e70577
-__all__ = ['Category', 'ImageRecord', 'Annotation', 'Dataset', 'read_coco', 'write_coco',
-           'IMAGE_EXTENSIONS', 'exif_orientation', 'image_size',
-           'read_yolo', 'write_yolo', 'read_voc', 'write_voc', 'read_sku110k', 'read_folder', 'write_folder',
-           'read_grocery', 'grocery_sample', 'FORMATS', 'WRITABLE_FORMATS', 'detect_format', 'load_dataset', 'save_dataset']
-
 # %% ../../nbs/10_formats.ipynb #3378dd4a
 Task = Literal['detection', 'classification']
 

@@ -38,23 +38,17 @@ from torchvision.transforms.v2 import functional as TF
 from ..core import ConfigError, DataError, StrictModel, Workspace, WorkspaceError, _fsync_dir, atomic_write, parse_model
 from .formats import SPLIT_ALIASES, Category, Dataset, ImageRecord
 
-logger = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec, warning on every call; they remain the fastest
 # JPEG path installed here, so that one notice is silenced (and only it).
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision are deprecated',
                         category=DeprecationWarning)
 
 # %% auto #0
-__all__ = ['logger', 'IMAGENET_MEAN', 'IMAGENET_STD', 'ResizeMode', 'PipelineConfig', 'LabelMap', 'split_indices',
-           'decode_image_bytes', 'resize_geometry', 'resize_image', 'map_boxes', 'unmap_boxes', 'DiskReader',
-           'default_cache_key', 'DecodedImageCache', 'ImageDecoder', 'ClassificationItems', 'DetectionItems',
-           'detection_collate', 'image_collate', 'BatchAugment', 'ClassificationDataModule', 'DetectionDataModule']
-
-# %% ../../nbs/15_pipeline.ipynb #f65b6af5
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ResizeMode', 'PipelineConfig', 'LabelMap', 'split_indices',
-           'decode_image_bytes', 'resize_geometry', 'resize_image', 'map_boxes', 'unmap_boxes', 'DiskReader', 'default_cache_key', 'DecodedImageCache', 'ImageDecoder',
-           'ClassificationItems', 'DetectionItems', 'image_collate', 'detection_collate', 'BatchAugment',
-           'ClassificationDataModule', 'DetectionDataModule']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ResizeMode', 'PipelineConfig', 'LabelMap', 'split_indices', 'decode_image_bytes',
+           'resize_geometry', 'resize_image', 'map_boxes', 'unmap_boxes', 'DiskReader', 'default_cache_key',
+           'DecodedImageCache', 'ImageDecoder', 'ClassificationItems', 'DetectionItems', 'detection_collate',
+           'image_collate', 'BatchAugment', 'ClassificationDataModule', 'DetectionDataModule']
 
 # %% ../../nbs/15_pipeline.ipynb #476c5197
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -320,7 +314,7 @@ class DecodedImageCache:
         if (final/'meta.json').exists():
             try: return cls(final)
             except DataError as e:  # a damaged cache (truncated by hand, disk error): set it aside and rebuild
-                logger.warning("rebuilding damaged image cache: %s", e)
+                _log.warning("rebuilding damaged image cache: %s", e)
                 trash = folder/f".trash-{final.name}-{secrets.token_hex(4)}"
                 with contextlib.suppress(OSError): os.rename(final, trash); shutil.rmtree(trash, ignore_errors=True)
         return cls._build(final, cache_key, list(file_names), read_bytes, size, mode, pad_value, expected_sizes, threads, progress)
@@ -389,7 +383,7 @@ class DecodedImageCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        logger.info("built image cache %s: %d images in %.1f s", final, n, meta['build_seconds'])
+        _log.info("built image cache %s: %d images in %.1f s", final, n, meta['build_seconds'])
         cache = cls(final)
         cache.built_now = True
         return cache

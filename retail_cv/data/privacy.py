@@ -30,18 +30,12 @@ from PIL import ExifTags, Image, ImageOps, JpegImagePlugin
 from ..core import ConfigError, DataError, IntegrityError, atomic_write, sha256_bytes
 
 # %% auto #0
-__all__ = ['logger', 'Box', 'KEY_ENV', 'KEY_FILE_ENV', 'exif_orientation', 'invert_orientation', 'transform_box',
-           'is_metadata_free', 'FaceDetector', 'blur_boxes', 'anonymise_faces', 'SanitisedImage', 'sanitise_image',
-           'generate_key', 'load_key', 'key_id', 'keyed_object_id', 'encrypt_object', 'decrypt_object']
-
-# %% ../../nbs/13_privacy.ipynb #92cb7b2f
-__all__ = ['Box', 'exif_orientation', 'invert_orientation', 'transform_box', 'is_metadata_free',
-           'FaceDetector', 'blur_boxes', 'anonymise_faces', 'SanitisedImage', 'sanitise_image',
-           'KEY_ENV', 'KEY_FILE_ENV', 'generate_key', 'load_key', 'key_id', 'keyed_object_id',
-           'encrypt_object', 'decrypt_object']
+__all__ = ['Box', 'KEY_ENV', 'KEY_FILE_ENV', 'exif_orientation', 'invert_orientation', 'transform_box', 'is_metadata_free',
+           'FaceDetector', 'blur_boxes', 'anonymise_faces', 'SanitisedImage', 'sanitise_image', 'generate_key',
+           'load_key', 'key_id', 'keyed_object_id', 'encrypt_object', 'decrypt_object']
 
 # %% ../../nbs/13_privacy.ipynb #bc82ca03
-logger = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 Box = tuple[float, float, float, float]  # (x, y, width, height) in pixels, COCO style
 
 # %% ../../nbs/13_privacy.ipynb #a9ea7794
@@ -304,7 +298,7 @@ def _read_key_file(path: Path) -> bytes:
     try: text, mode = path.read_text(encoding='ascii'), path.stat().st_mode
     except FileNotFoundError: raise ConfigError(f"key file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e: raise ConfigError(f"key file {path} cannot be read: {e}") from None
-    if mode & 0o077: logger.warning("key file %s is readable by group or others (mode %o); chmod 600 it", path, mode & 0o777)
+    if mode & 0o077: _log.warning("key file %s is readable by group or others (mode %o); chmod 600 it", path, mode & 0o777)
     if (key := _decode_key_text(text)) is None: raise ConfigError(f"key file {path} does not hold a 256-bit key in base64 or hex")
     return key
 

@@ -39,15 +39,11 @@ from .privacy import (FaceDetector, decrypt_object, encrypt_object, key_id, keye
                                     sanitise_image, transform_box)
 
 # %% auto #0
-__all__ = ['logger', 'safe_relpath', 'HashCache', 'ObjectStore', 'canonical_json', 'IngestStats', 'DatasetVersion',
-           'DatasetStore', 'VersionDiff']
-
-# %% ../../nbs/14_store.ipynb #e4b0d59a
-__all__ = ['safe_relpath', 'HashCache', 'ObjectStore', 'canonical_json', 'IngestStats', 'DatasetVersion', 'VersionDiff',
-           'DatasetStore']
+__all__ = ['safe_relpath', 'HashCache', 'ObjectStore', 'canonical_json', 'IngestStats', 'DatasetVersion', 'DatasetStore',
+           'VersionDiff']
 
 # %% ../../nbs/14_store.ipynb #76705125
-logger = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 # %% ../../nbs/14_store.ipynb #458ab97f
 def safe_relpath(root: str | os.PathLike,  # dataset root folder
@@ -87,7 +83,7 @@ class HashCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try: self._db = self._connect()
         except sqlite3.DatabaseError as e:  # a damaged cache costs only time: start a new one
-            logger.warning("hash cache %s is unreadable (%s); starting a new one", self.path, e)
+            _log.warning("hash cache %s is unreadable (%s); starting a new one", self.path, e)
             self.path.unlink(missing_ok=True); self._db = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -304,7 +300,7 @@ def _labels_follow_pixels(ds: Dataset, items: dict[str, _Item], exif_boxes: str)
         if not (it.width and it.height): continue  # not decoded: sizes stay as labelled
         stored_wh = (it.height, it.width) if it.orientation in (5, 6, 7, 8) else (it.width, it.height)
         if im.width and im.height and (im.width, im.height) not in {stored_wh, (it.width, it.height)}:
-            logger.warning("%s: labels say %dx%d but the image is %dx%d", im.file_name, im.width, im.height, it.width, it.height)
+            _log.warning("%s: labels say %dx%d but the image is %dx%d", im.file_name, im.width, im.height, it.width, it.height)
         if it.orientation != 1:
             frame = exif_boxes
             if frame == 'auto':
@@ -439,7 +435,7 @@ def ingest(self: DatasetStore,
     atomic_write(self.ws/'datasets'/name/'LATEST', vid + '\n')
     stats.seconds = time.perf_counter() - t0
     v = self._load(mpath); v.stats = stats
-    logger.info("ingested %s: %d files, %d hashed, %d new objects (%.0f files/s)%s", v.ref, stats.files, stats.hashed,
+    _log.info("ingested %s: %d files, %d hashed, %d new objects (%.0f files/s)%s", v.ref, stats.files, stats.hashed,
                 stats.objects_written, stats.files_per_s, '' if stats.new_version else ' (version already stored)')
     return v
 
@@ -587,7 +583,7 @@ def verify(self: DatasetVersion,
     with cf.ThreadPoolExecutor(workers or _default_workers()) as ex:
         bad = [r for r in ex.map(check, self.items.values()) if r]
     for item, msg in bad:
-        logger.error("%s", msg)
+        _log.error("%s", msg)
         if remove_corrupt: self.store.objects.path(item['object']).unlink(missing_ok=True)
     return [item['path'] for item, _ in bad]
 

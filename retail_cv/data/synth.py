@@ -36,17 +36,12 @@ from ..core import ConfigError, RetailCVError, StrictModel, atomic_write, parse_
 from .formats import Annotation, Category, Dataset, ImageRecord, write_coco
 
 # %% auto #0
-__all__ = ['log', 'Range', 'PACKAGINGS', 'GRAPHICS', 'SynthConfig', 'synth_config', 'ean13_check_digit', 'price_ean13',
+__all__ = ['Range', 'PACKAGINGS', 'GRAPHICS', 'SynthConfig', 'synth_config', 'ean13_check_digit', 'price_ean13',
            'parse_price_ean13', 'SKU', 'make_catalogue', 'render_sku', 'render_tag', 'SceneObject', 'ShelfScene',
            'ShelfRenderer', 'encode_jpeg', 'draw_scene', 'SynthSummary', 'generate_shelves']
 
-# %% ../../nbs/12_synth.ipynb #2af4da74
-__all__ = ['SynthConfig', 'synth_config', 'ean13_check_digit', 'price_ean13', 'parse_price_ean13', 'PACKAGINGS',
-           'GRAPHICS', 'SKU', 'make_catalogue', 'render_sku', 'render_tag', 'SceneObject', 'ShelfScene',
-           'ShelfRenderer', 'encode_jpeg', 'draw_scene', 'SynthSummary', 'generate_shelves']
-
 # %% ../../nbs/12_synth.ipynb #fde66796
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 # %% ../../nbs/12_synth.ipynb #af80685d
 Range = tuple[float, float]
@@ -732,6 +727,6 @@ def generate_shelves(out_dir: str | os.PathLike,  # folder to write (created; mu
     files['images'] = out/'images'
     summary = SynthSummary(out, cfg.images, counts['product'], counts['gap'], counts['price_tag'], cfg.skus,
                            time.perf_counter() - t0, files)
-    log.info("wrote %d synthetic shelf images (%d annotations) to %s at %.1f img/s",
+    _log.info("wrote %d synthetic shelf images (%d annotations) to %s at %.1f img/s",
              summary.images, summary.annotations, out, summary.images_per_s)
     return summary

@@ -24,13 +24,10 @@ from ..core import ConfigError, DataError, atomic_write
 from .formats import Dataset, ImageRecord, _inside, exif_orientation, load_dataset, save_dataset
 
 # %% auto #0
-__all__ = ['log', 'PROBLEM_CODES', 'Problem', 'check_image_file', 'ValidationReport', 'validate_dataset']
-
-# %% ../../nbs/11_validate.ipynb #9a92e7f5
-__all__ = ['PROBLEM_CODES', 'Problem', 'ValidationReport', 'check_image_file', 'validate_dataset']
+__all__ = ['PROBLEM_CODES', 'Problem', 'check_image_file', 'ValidationReport', 'validate_dataset']
 
 # %% ../../nbs/11_validate.ipynb #55fe9594
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 # %% ../../nbs/11_validate.ipynb #ebda7113
 PROBLEM_CODES: dict[str, tuple[str, str]] = {  # code -> (scope, what it means)
@@ -330,7 +327,7 @@ def validate_dataset(source: str | os.PathLike | Dataset,  # dataset folder/file
         if out is None: raise ConfigError("policy 'drop' needs out= (the folder for the cleaned dataset)")
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())): raise DataError(f"{out}: output folder exists and is not empty")
-    if ImageFile.LOAD_TRUNCATED_IMAGES: log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on: truncated images will not be found")
+    if ImageFile.LOAD_TRUNCATED_IMAGES: _log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on: truncated images will not be found")
     t0 = time.perf_counter()
     name = str(source.root if isinstance(source, Dataset) else source)
     if isinstance(source, Dataset): ds = source
@@ -348,5 +345,5 @@ def validate_dataset(source: str | os.PathLike | Dataset,  # dataset folder/file
         report.kept, report.dropped = _drop(ds, states, ann_errors, others, out, images, name)
         report.out = out
     report.seconds = time.perf_counter() - t0
-    log.info(report.summary())
+    _log.info(report.summary())
     return report
