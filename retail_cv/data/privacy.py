@@ -27,24 +27,19 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from PIL import ExifTags, Image, ImageOps, JpegImagePlugin
 
+from .formats import exif_orientation  # one definition, shared with the readers
 from ..core import ConfigError, DataError, IntegrityError, atomic_write, sha256_bytes
 
 # %% auto #0
-__all__ = ['Box', 'KEY_ENV', 'KEY_FILE_ENV', 'exif_orientation', 'invert_orientation', 'transform_box', 'is_metadata_free',
-           'FaceDetector', 'blur_boxes', 'anonymise_faces', 'SanitisedImage', 'sanitise_image', 'generate_key',
-           'load_key', 'key_id', 'keyed_object_id', 'encrypt_object', 'decrypt_object']
+__all__ = ['Box', 'KEY_ENV', 'KEY_FILE_ENV', 'invert_orientation', 'transform_box', 'is_metadata_free', 'FaceDetector',
+           'blur_boxes', 'anonymise_faces', 'SanitisedImage', 'sanitise_image', 'generate_key', 'load_key', 'key_id',
+           'keyed_object_id', 'encrypt_object', 'decrypt_object']
 
 # %% ../../nbs/13_privacy.ipynb #bc82ca03
 _log = logging.getLogger(__name__)
 Box = tuple[float, float, float, float]  # (x, y, width, height) in pixels, COCO style
 
 # %% ../../nbs/13_privacy.ipynb #a9ea7794
-def exif_orientation(im: Image.Image) -> int:
-    "The image's EXIF orientation tag, 1 when absent or invalid."
-    try: o = int(im.getexif().get(ExifTags.Base.Orientation, 1))
-    except (TypeError, ValueError, OSError, SyntaxError): return 1
-    return o if 1 <= o <= 8 else 1
-
 def invert_orientation(orientation: int) -> int:
     "The orientation whose transpose undoes `orientation`'s."
     return {6: 8, 8: 6}.get(orientation, orientation)
