@@ -354,14 +354,31 @@ def _resolve_version(data: DatasetVersion | str | os.PathLike, ws: Workspace) ->
         return store.ingest(path, _slug(path.name if path.is_dir() else path.stem), progress=False)
     return store.get(str(data))
 
+def _input_contract(spec: ModelSpec) -> dict[str, Any]:
+    "The pipeline options that must equal the model's input contract, so training sees what export and the runtime feed."
+    pre = spec.preprocessing
+    return {'image_size': spec.image_size, 'resize': pre['resize'], 'normalize': True, 'mean': tuple(pre['mean']), 'std': tuple(pre['std'])}
+
+def _check_contract(options: Mapping[str, Any], contract: Mapping[str, Any], where: str) -> None:
+    "Refuse pipeline options that would train on inputs the exported model will never see."
+    for key, want in contract.items():
+        if key in options and (tuple(options[key]) if isinstance(options[key], (list, tuple)) else options[key]) != want:
+            raise ConfigError(f"{where} sets {key}={options[key]!r}, but the model's input contract (ModelSpec.preprocessing) "
+                              f"says {want!r}; export and the runtime use the contract, so training must too")
+
 def make_datamodule(config: TrainConfig | Mapping[str, Any],  # the run's config
                     data: DatasetVersion | str | os.PathLike | _DataModule,  # version, store reference, folder, or DataModule
                     workspace: Workspace | str | os.PathLike | None = None,  # default `Workspace.open()`
                    ) -> tuple[_DataModule, dict[str, Any]]:
     "The DataModule a run trains on, and a JSON-able record of which data it is."
     config = config if isinstance(config, TrainConfig) else parse_model(TrainConfig, config)
+    spec = ModelSpec(arch=config.arch, num_classes=2, image_size=config.image_size)
+    contract = _input_contract(spec)
     if isinstance(data, (ClassificationDataModule, DetectionDataModule)):
         if data.task != config.task: raise ConfigError(f"config is for {config.task} but the DataModule holds {data.task} data")
+        c = data.config
+        _check_contract({'image_size': c.size_hw[0] if c.size_hw[0] == c.size_hw[1] else c.size_hw, 'resize': data.resize_mode,
+                         'normalize': data.hparams['normalize'], 'mean': tuple(c.mean), 'std': tuple(c.std)}, contract, 'the DataModule')
         return data, {'ref': None, 'id': data.cache_key, 'source': str(data.dataset.root)}
     if isinstance(data, L.LightningDataModule):
         raise ConfigError(f"fit needs a ClassificationDataModule or DetectionDataModule, got {type(data).__name__}")
@@ -369,10 +386,9 @@ def make_datamodule(config: TrainConfig | Mapping[str, Any],  # the run's config
     version = _resolve_version(data, ws)
     if version.dataset.task != config.task:
         raise ConfigError(f"dataset {version.ref} is a {version.dataset.task} dataset but the config trains {config.task}")
-    spec = ModelSpec(arch=config.arch, num_classes=2, image_size=config.image_size)
-    pipe = {**config.pipeline, 'image_size': config.image_size, 'batch_size': config.batch_size, 'num_workers': config.num_workers,
+    _check_contract(config.pipeline, contract, 'TrainConfig.pipeline')
+    pipe = {**config.pipeline, **contract, 'batch_size': config.batch_size, 'num_workers': config.num_workers,
             'seed': config.seed, 'progress': False}
-    pipe.setdefault('normalize', True); pipe.setdefault('mean', spec.mean); pipe.setdefault('std', spec.std)
     cls = ClassificationDataModule if config.task == 'classification' else DetectionDataModule
     dm = cls.from_version(version, pipe, cache_dir=ws/'cache')
     return dm, {'ref': version.ref, 'id': version.id, 'source': f"dataset version {version.ref}"}
