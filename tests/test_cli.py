@@ -1,0 +1,41 @@
+"The CLI as users run it: data -> train -> tune, each a real subprocess on one workspace."
+import json
+
+import pytest
+
+from retail_cv.data.formats import grocery_sample
+from conftest import run_cli
+
+
+@pytest.fixture(scope='module')
+def ws(tmp_path_factory):
+    ws = tmp_path_factory.mktemp('cli-ws')
+    r = run_cli('-w', ws, 'data', 'ingest', grocery_sample(), '--name', 'grocery', '--json')
+    assert r.returncode == 0, r.stderr
+    return ws
+
+
+def test_train_prints_checkpoint_and_metrics(ws):
+    r = run_cli('-w', ws, 'train', 'classify', '--data', 'grocery@latest', '--model', 'tiny_cnn', '--epochs', 2,
+                '--batch-size', 16, '--json', env={'WANDB_MODE': 'disabled'}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out['status'] == 'completed' and out['best_checkpoint'].endswith('best.ckpt')
+    assert 0 <= out['metrics']['val/acc'] <= 1 and out['metrics']['epoch'] == 1
+
+
+def test_train_bad_input_is_one_line(ws):
+    r = run_cli('-w', ws, 'train', 'classify', '--data', 'grocery@latest', '--model', 'no_such_net', '--epochs', 1)
+    assert r.returncode == 1 and 'no_such_net' in r.stderr and 'Traceback' not in r.stderr
+    r = run_cli('-w', ws, 'train', 'segment', '--data', 'grocery@latest')
+    assert r.returncode == 2 and 'classify' in r.stderr
+
+
+def test_tune_reports_best_trial(ws, tmp_path):
+    space = tmp_path/'space.yaml'
+    space.write_text("arch: {type: categorical, choices: [tiny_cnn]}\nlr: {type: float, low: 0.001, high: 0.01, log: true}\n")
+    r = run_cli('-w', ws, 'tune', 'classify', '--data', 'grocery@latest', '--trials', 2, '--epochs', 1, '--space', space, '--json',
+                env={'WANDB_MODE': 'disabled'}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert len(out['trials']) == 2 and out['best'] is not None and 'history' in out['files']
