@@ -1,0 +1,125 @@
+"""Training benchmarks, measured in one run on this machine; writes bench/results/train.json.
+
+1. Throughput: retail_cv's Lightning `ClassificationModule` under `lightning.Trainer` against a plain PyTorch loop on
+   the same model, optimiser and in-memory batches (MobileNetV3-small, 128 px, CPU). Rounds alternate; medians.
+2. Accuracy: MobileNetV3-small trained from scratch on the real Grocery Store photos (`../shared/data/grocery`,
+   fine-grained classes) for a fixed wall-clock budget (default 10 minutes), top-1 on the val split.
+
+    python bench/bench_train.py [--minutes 10] [--skip-accuracy] [--skip-throughput]
+"""
+import argparse, json, os, platform, statistics, sys, tempfile, time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from retail_cv.core import Workspace, atomic_write, seed_everything  # noqa: E402
+from retail_cv.models import ModelSpec  # noqa: E402
+from retail_cv.train import ClassificationModule, TrainConfig, fit  # noqa: E402
+
+GROCERY = ROOT.parent/'shared'/'data'/'grocery'
+
+
+def _batches(n_batches, batch, size, classes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, classes, (batch,), generator=g)) for _ in range(n_batches)]
+
+
+def _plain(module, batches):
+    opt = torch.optim.AdamW(module.model.parameters(), lr=1e-3, weight_decay=1e-4)
+    module.model.train()
+    t0 = time.perf_counter()
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(module.model(x), y)
+        loss.backward()
+        opt.step()
+    return sum(len(y) for _, y in batches) / (time.perf_counter() - t0)
+
+
+class _Timer(L.Callback):
+    def on_train_start(self, trainer, pl_module): self.t0 = time.perf_counter()
+    def on_train_end(self, trainer, pl_module): self.seconds = time.perf_counter() - self.t0
+
+
+def _lightning(module, batches):
+    timer = _Timer()
+    trainer = L.Trainer(accelerator='cpu', devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return sum(len(y) for _, y in batches) / timer.seconds
+
+
+def throughput(rounds=3, n_batches=15, batch=32, size=128, classes=43):
+    spec = dict(arch='mobilenet_v3_small', num_classes=classes, image_size=size)
+    cfg = TrainConfig(arch='mobilenet_v3_small', image_size=size, scheduler='none', lr=1e-3, wandb_mode='disabled').model_dump(mode='json')
+    names = [f'c{i}' for i in range(classes)]
+    batches = _batches(n_batches, batch, size, classes)
+    res = {'plain': [], 'lightning': []}
+    for r in range(rounds + 1):  # round 0 warms up both paths
+        for kind in (('plain', 'lightning') if r % 2 else ('lightning', 'plain')):
+            seed_everything(r)
+            m = ClassificationModule(spec, cfg, names)
+            v = _plain(m, batches) if kind == 'plain' else _lightning(m, batches)
+            if r: res[kind].append(v)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    return {'model': 'mobilenet_v3_small', 'image_size': size, 'batch': batch, 'batches': n_batches, 'rounds': rounds,
+            'plain_img_s': res['plain'], 'lightning_img_s': res['lightning'],
+            'median_plain_img_s': round(med['plain'], 1), 'median_lightning_img_s': round(med['lightning'], 1),
+            'ratio_lightning_over_plain': round(med['lightning'] / med['plain'], 3), 'target_ratio': 0.97}
+
+
+def accuracy(minutes=10.0, size=128, seed=0):
+    from retail_cv.data.pipeline import ClassificationDataModule
+    from retail_cv.data.store import DatasetStore
+    if not (GROCERY/'classes.csv').exists(): raise SystemExit(f"{GROCERY} not found: the accuracy benchmark needs ../shared")
+    ws = Workspace.open(tempfile.mkdtemp(prefix='bench-train-'))
+    version = DatasetStore(ws).ingest(GROCERY, 'grocery', progress=False)
+    spec = ModelSpec(arch='mobilenet_v3_small', num_classes=2, image_size=size)
+    # random crops of the cached images: the augmentation a from-scratch model on 2.6k photos needs most
+    train_tf = v2.Compose([v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True)])
+    def datamodule(batch_size):
+        return ClassificationDataModule.from_version(version, {'image_size': size, 'batch_size': batch_size, 'seed': seed, 'progress': False,
+                                                               'normalize': True, 'mean': spec.mean, 'std': spec.std,
+                                                               'resize': spec.preprocessing['resize']},
+                                                     cache_dir=ws/'cache', train_transforms=train_tf)
+    base = dict(arch='mobilenet_v3_small', image_size=size, batch_size=64, lr=4e-3, weight_decay=5e-4, optimizer='adamw',
+                scheduler='onecycle', label_smoothing=0.1, seed=seed, wandb_mode='disabled', sample_predictions=0)
+    # calibrate: time two epochs to size a one-cycle schedule that ends inside the budget (not counted as budget)
+    probe = fit({**base, 'epochs': 2}, datamodule(64), ws, run_name='probe')
+    per_epoch = probe.seconds / 2
+    epochs = max(1, int(minutes * 60 * 0.95 / per_epoch))
+    t0 = time.perf_counter()
+    res = fit({**base, 'epochs': epochs, 'max_minutes': minutes}, datamodule(64), ws, run_name='grocery-budget')
+    return {'dataset': 'Grocery Store Dataset (train/val lists in ../shared/data/grocery)', 'dataset_version': version.ref,
+            'train_images': sum(1 for i in version.dataset.images if i.split == 'train'),
+            'val_images': sum(1 for i in version.dataset.images if i.split == 'val'),
+            'classes': len(version.dataset.categories), 'budget_minutes': minutes, 'epochs_planned': epochs,
+            'seconds_per_epoch_probe': round(per_epoch, 1), 'training_seconds': round(time.perf_counter() - t0, 1),
+            'stopped_by': res.stopped_by, 'val_top1': res.metrics.get('val/acc'), 'best_val_top1': res.best_score,
+            'val_top5': res.metrics.get('val/acc_top5'), 'history': res.history, 'recipe': base | {'augment': 'RandomResizedCrop(0.25-1) + flip + colour jitter (batch)'},
+            'target_top1': 0.50, 'baseline_plain_loop_top1': 0.42}
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--minutes', type=float, default=10.0)
+    ap.add_argument('--skip-accuracy', action='store_true')
+    ap.add_argument('--skip-throughput', action='store_true')
+    a = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = ROOT/'bench'/'results'/'train.json'
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result.update(machine={'cpus': os.cpu_count(), 'platform': platform.platform(), 'torch': torch.__version__,
+                           'loadavg_start': os.getloadavg()}, created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
+    if not a.skip_throughput:
+        result['throughput'] = throughput(); print(json.dumps(result['throughput'], indent=1))
+    if not a.skip_accuracy:
+        result['accuracy'] = accuracy(a.minutes); print(json.dumps({k: v for k, v in result['accuracy'].items() if k != 'history'}, indent=1))
+    result['machine']['loadavg_end'] = os.getloadavg()
+    out.parent.mkdir(exist_ok=True)
+    atomic_write(out, json.dumps(result, indent=1))
