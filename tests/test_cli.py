@@ -39,3 +39,26 @@ def test_tune_reports_best_trial(ws, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert len(out['trials']) == 2 and out['best'] is not None and 'history' in out['files']
+
+
+def test_train_export_verify_predict(ws, tmp_path):
+    "Research to edge from the shell: a checkpoint becomes a signed bundle that the torch-free runtime serves."
+    r = run_cli('-w', ws, 'train', 'classify', '--data', 'grocery@latest', '--model', 'tiny_cnn', '--epochs', 2,
+                '--batch-size', 16, '--run-name', 'edge', '--json', env={'WANDB_MODE': 'disabled'}, timeout=300)
+    ckpt = json.loads(r.stdout)['best_checkpoint']
+    r = run_cli('-w', ws, 'keys', 'generate')
+    assert r.returncode == 0, r.stderr
+    r = run_cli('-w', ws, 'export', ckpt, '--profile', 'handheld-arm', '--data', 'grocery@latest', '--json',
+                env={'WANDB_MODE': 'disabled'}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bundle = json.loads(r.stdout)['bundle']
+    r = run_cli('-w', ws, 'bundle', 'verify', bundle, '--golden', '--json')
+    assert r.returncode == 0 and json.loads(r.stdout)['golden_ok'], r.stdout + r.stderr
+    photos = sorted((grocery_sample()/'val').rglob('*.jpg'))[:3]
+    r = run_cli('-w', ws, 'predict', bundle, *photos, '--json')
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in r.stdout.splitlines() if l.strip()]
+    assert len(lines) == 3 and all('label' in l for l in lines)
+    broken = tmp_path/'broken.jpg'; broken.write_bytes(b'not an image')
+    r = run_cli('-w', ws, 'predict', bundle, broken)
+    assert r.returncode == 1 and 'broken.jpg' in r.stderr and 'Traceback' not in r.stderr

@@ -1,0 +1,231 @@
+"Export: the parity gate passes on a trained model and fails, with its numbers, on a damaged one; quantisation and the precision choice; OpenCV as an independent consumer; one input tensor on both sides; detection; the bundle on the device."
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from retail_cv.bundle import generate_signing_key, verify_bundle
+from retail_cv.core import Workspace
+from retail_cv.data.formats import grocery_sample
+from retail_cv.data.store import DatasetStore
+from retail_cv.data.synth import generate_shelves
+from retail_cv.evaluate import eval_split, load_model, onnx_metadata
+from retail_cv.export import (FORMATS, ParityError, benchmark, choose_precision, export, export_onnx, perturb_onnx_weight)
+from retail_cv.models import ModelSpec, build_model, example_input, recalibrate_batchnorm, wrap
+from retail_cv.preprocess import preprocess, preprocess_with_geometry, softmax
+from retail_cv.runtime import Predictor, check_golden
+from retail_cv.train import TrainConfig, fit, load_checkpoint
+
+
+@pytest.fixture(scope='module')
+def ws(tmp_path_factory) -> Workspace:
+    ws = Workspace.open(tmp_path_factory.mktemp('export')/'ws')
+    generate_signing_key(ws)
+    return ws
+
+
+@pytest.fixture(scope='module')
+def grocery(ws):
+    return DatasetStore(ws).ingest(grocery_sample(), 'grocery', progress=False)
+
+
+@pytest.fixture(scope='module')
+def trained(ws, grocery):
+    "A tiny CNN trained for a few epochs on the Grocery sample at 32 px."
+    return fit(TrainConfig(arch='tiny_cnn', image_size=32, epochs=4, batch_size=16, lr=3e-3, wandb_mode='disabled'),
+               grocery, ws, run_name='tiny')
+
+
+@pytest.fixture(scope='module')
+def exported(ws, grocery, trained):
+    return export(trained.best_checkpoint, 'shelf-cam-x86', grocery, ws)
+
+
+def test_parity_gate_passes_on_a_trained_model(exported, trained):
+    p = exported.parity
+    assert p.passed and p.failures == []
+    assert p.outputs['max_abs_diff'] <= 1e-4 and p.outputs['top1_agreement'] == 1.0 and p.images == 4
+    assert p.metric == 'top1' and p.metric_delta_pts <= 0.1
+    assert exported.evaluations['torch'].metrics['top1'] == pytest.approx(exported.evaluations['onnx-fp32'].metrics['top1'])
+    report = json.loads(exported.report.read_text())
+    assert report['status'] == 'ok' and report['parity']['passed'] and report['profile'] == 'shelf-cam-x86'
+    # the ONNX file describes itself; the classifier's batch axis is dynamic
+    meta = onnx_metadata(exported.onnx['fp32'])
+    assert (meta['task'], meta['name'], meta['version'], meta['precision']) == ('classification', exported.name, trained.run_id, 'fp32')
+    assert meta['labels'] == exported.evaluations['torch'].labels and meta['preprocessing']['image_size'] == [32, 32]
+    onnx.checker.check_model(onnx.load(str(exported.onnx['fp32'])))
+    sess = ort.InferenceSession(str(exported.onnx['fp32']), providers=['CPUExecutionProvider'])
+    assert sess.get_inputs()[0].shape == ['batch', 3, 32, 32]
+
+
+def test_broken_export_fails_with_its_numbers(ws, grocery, trained):
+    with pytest.raises(ParityError) as e:
+        export(trained.best_checkpoint, 'shelf-cam-x86', grocery, ws, version='broken', _corrupt=perturb_onnx_weight)
+    msg = str(e.value)
+    diff = float(re.search(r'max \|logit diff\| ([0-9.e+-]+) > 0.0001', msg).group(1))
+    assert diff > 1e-4 and 'parity gate failed' in msg and 'model.fp32.onnx' in msg
+    assert e.value.report.outputs['max_abs_diff'] == pytest.approx(diff, rel=1e-2) and not e.value.report.passed
+    folder = ws/'bundles'/'grocery-tiny_cnn'/'broken'
+    assert json.loads((folder/'shelf-cam-x86.export.json').read_text())['status'] == 'parity_failed'
+    assert not list(folder.glob('*.tar.gz'))  # nothing shipped
+    # a tolerance loose enough lets the same damage through: the gate is the tolerance, not a constant answer
+    loose = export(trained.best_checkpoint, 'shelf-cam-x86', grocery, ws, version='loose', precisions=['fp32'],
+                   _corrupt=perturb_onnx_weight, max_abs_diff=10.0, min_top1_agreement=0.0, max_metric_delta_pts=100.0)
+    assert loose.parity.passed and loose.parity.outputs['max_abs_diff'] > 1e-4
+
+
+def test_quantisation_gate_and_precision_choice_are_recorded(exported, ws):
+    info = verify_bundle(exported.bundle, workspace=ws)
+    pc = info.meta.precision
+    by = {m.precision: m for m in pc.measurements}
+    assert set(by) == {'fp32', 'int8'} and all(m.latency_ms > 0 for m in by.values())
+    assert 'top1 drop' in by['int8'].note and 'static QDQ per-channel' in by['int8'].note
+    drop = (by['fp32'].metrics['top1'] - by['int8'].metrics['top1']) * 100
+    int8_ok = drop <= 1.0 and by['fp32'].latency_ms >= 1.05 * by['int8'].latency_ms
+    assert pc.chosen == ('int8' if int8_ok else 'fp32') and pc.reason
+    assert info.meta.latency.profile == 'shelf-cam-x86' and info.meta.latency.p50_ms == pytest.approx(by[pc.chosen].latency_ms)
+    assert info.meta.metrics == by[pc.chosen].metrics
+    # the int8 model is a real QDQ graph
+    int8 = onnx.load(str(exported.onnx['int8']))
+    assert any(n.op_type == 'QuantizeLinear' for n in int8.graph.node) and onnx_metadata(int8)['precision'] == 'int8'
+    # the rule: int8 that is slower than fp32, or fails the accuracy gate, is not shipped
+    slow = [by['fp32'], by['int8'].model_copy(update={'latency_ms': by['fp32'].latency_ms * 3})]
+    assert choose_precision(slow, ['fp32', 'int8'], {'fp32': True, 'int8': True}).chosen == 'fp32'
+    fast = [by['fp32'], by['int8'].model_copy(update={'latency_ms': by['fp32'].latency_ms / 3})]
+    assert choose_precision(fast, ['fp32', 'int8'], {'fp32': True, 'int8': True}).chosen == 'int8'
+    assert choose_precision(fast, ['fp32', 'int8'], {'fp32': True, 'int8': False}).chosen == 'fp32'
+
+
+def test_accuracy_gate_decides_with_the_measured_drop(ws, grocery, trained):
+    "With a zero-point gate, int8 ships only if it loses nothing and is faster; its note states the drop against the gate."
+    res = export(trained.best_checkpoint, 'shelf-cam-x86', grocery, ws, version='strict', max_int8_drop_pts=0.0, min_speedup=1.0,
+                 latency_runs=5, latency_warmup=1)
+    by = {m.precision: m for m in res.precision.measurements}
+    drop = (res.evaluations['onnx-fp32'].metrics['top1'] - res.evaluations['onnx-int8'].metrics['top1']) * 100
+    assert f"top1 drop {drop:.2f} pt ({'past' if drop > 0 else 'within'} the 0 pt gate)" in by['int8'].note
+    assert res.precision.chosen == ('int8' if drop <= 0 and by['int8'].latency_ms < by['fp32'].latency_ms else 'fp32')
+    # a profile that allows only fp32 measures nothing else
+    res = export(trained.best_checkpoint, 'shelf-cam-x86', grocery, ws, version='fp32only', precisions=['fp32'], latency_runs=5)
+    assert [m.precision for m in res.precision.measurements] == ['fp32'] and res.precision.chosen == 'fp32'
+
+
+def test_gpu_profile_records_fp16_as_not_measured(ws, grocery, trained):
+    res = export(trained.best_checkpoint, 'gpu-cuda', grocery, ws, version='gpu', latency_runs=5)
+    fp16 = next(m for m in res.precision.measurements if m.precision == 'fp16')
+    assert fp16.latency_ms is None and fp16.note.startswith('not measured:') and res.precision.chosen == 'fp32'
+    assert any('fp16 not measured' in n for n in res.notes)
+    assert any("expects 224 px input" in n for n in res.notes)  # the profile's size, noted, not silently changed
+
+
+def test_opencv_dnn_agrees_with_onnx_runtime(exported, grocery, tmp_path):
+    "OpenCV's own ONNX importer, an independent consumer, gives the same top-1 as ONNX Runtime."
+    sp = eval_split(grocery, 'val')
+    x = preprocess([sp.read(k) for k in range(len(sp))], load_model(exported.onnx['fp32']).preprocessing)
+    ort_logits = ort.InferenceSession(str(exported.onnx['fp32']), providers=['CPUExecutionProvider']).run(None, {'images': x})[0]
+    net = cv2.dnn.readNetFromONNX(str(exported.onnx['fp32']))
+    net.setInput(x)
+    cv_logits = net.forward()
+    assert (cv_logits.argmax(1) == ort_logits.argmax(1)).all()
+    np.testing.assert_allclose(cv_logits, ort_logits, atol=1e-4)
+    # and for a real architecture: MobileNetV3-small (hard-swish, squeeze-excitation), BatchNorm recalibrated on the photos
+    spec = ModelSpec(arch='mobilenet_v3_small', num_classes=7, image_size=64)
+    xs = preprocess([sp.read(k) for k in range(len(sp))], spec.preprocessing)
+    torch.manual_seed(0)
+    mnet = wrap(recalibrate_batchnorm(build_model(spec), torch.from_numpy(xs)), spec)
+    path = export_onnx(mnet, tmp_path/'mnv3.onnx', 'mnv3', '1', [f'c{i}' for i in range(7)])
+    ort_logits = ort.InferenceSession(str(path), providers=['CPUExecutionProvider']).run(None, {'images': xs})[0]
+    net = cv2.dnn.readNetFromONNX(str(path))
+    net.setInput(xs)
+    cv_logits = net.forward()
+    assert (cv_logits.argmax(1) == ort_logits.argmax(1)).all()
+    np.testing.assert_allclose(cv_logits, ort_logits, atol=1e-3)
+
+
+def test_same_input_tensor_on_the_evaluation_and_runtime_sides(exported, grocery, trained, ws):
+    "The evaluation side (checkpoint spec) and the device (bundle.json read back) build bit-identical inputs from one photo."
+    sp = eval_split(grocery, 'val')
+    photo = sp.read(3)
+    eval_model = load_model(trained.best_checkpoint)
+    eval_x, _ = preprocess_with_geometry([photo], eval_model.preprocessing)  # what evaluate() feeds the model
+    p = Predictor.from_bundle(exported.bundle, workspace=ws)
+    device_x = preprocess(photo, p.contract.preprocessing)  # what the runtime feeds it
+    assert eval_x.dtype == device_x.dtype == np.float32 and np.array_equal(eval_x, device_x)
+    # and the device's answer for the photo is the model's answer for that tensor
+    logits = p.run(eval_x)['logits']
+    c = p.predict(photo)
+    assert c.index == int(logits.argmax()) and c.score == pytest.approx(float(softmax(logits)[0].max()), abs=1e-6)
+    with torch.inference_mode():
+        torch_logits = load_checkpoint(trained.best_checkpoint).exportable()(torch.from_numpy(eval_x)).numpy()
+    np.testing.assert_allclose(logits, torch_logits, atol=1e-4)
+
+
+def test_bundle_verifies_and_runs_on_the_device(exported, ws, grocery, trained):
+    info = verify_bundle(exported.bundle, workspace=ws)
+    assert (info.name, info.version, info.meta.profile) == ('grocery-tiny_cnn', trained.run_id, 'shelf-cam-x86')
+    assert info.meta.provenance.run_id == trained.run_id and info.meta.provenance.dataset_version == grocery.ref
+    assert len(info.meta.golden.inputs) == 4
+    p = Predictor.from_bundle(exported.bundle, workspace=ws)
+    g = check_golden(p)
+    assert g.ok and g.images == 4
+    card = info.read_bytes('model_card.md').decode()
+    assert 'Precision' in card and 'int8' in card and grocery.ref in card
+
+
+def test_benchmark_table_and_json(trained, grocery, ws, tmp_path):
+    rep = benchmark(trained.best_checkpoint, grocery, profile='handheld-arm', workspace=ws, runs=10, warmup=2, repeats=2,
+                    out=tmp_path/'bench.json')
+    assert [r.format for r in rep.rows] == list(FORMATS)
+    for r in rep.rows:
+        assert 0 < r.p50_ms <= r.p95_ms and r.throughput == pytest.approx(1e3 / r.p50_ms) and len(r.repeats_p50_ms) == 2
+        assert r.metric == 'top1' and 0 <= r.value <= 1
+    assert rep.row('torch').value == pytest.approx(rep.row('onnx-fp32').value)
+    stored = json.loads((tmp_path/'bench.json').read_text())
+    assert stored['profile'] == 'handheld-arm' and [r['format'] for r in stored['rows']] == list(FORMATS)
+    assert '| onnx-int8 |' in rep.table()
+    # without data: random inputs, no accuracy
+    bare = benchmark(trained.best_checkpoint, formats=('torch', 'onnx-fp32'), runs=5, warmup=1)
+    assert all(r.value is None and r.p50_ms > 0 for r in bare.rows)
+
+
+@pytest.fixture(scope='module')
+def shelves(ws, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('shelves')/'shelves'
+    generate_shelves(folder, images=6, width=320, height=240, shelves=(1, 2), skus=3, seed=0, val_fraction=0.34)
+    return DatasetStore(ws).ingest(folder, 'shelves', progress=False)
+
+
+def test_detection_export(ws, shelves):
+    "SSDlite, BatchNorm recalibrated on the shelf photos (distinct scores): batch-1 graph, boxes and scores match, COCO mAP keys, bundle runs."
+    spec = ModelSpec(task='detection', num_classes=len(shelves.dataset.categories))
+    train = eval_split(shelves, 'train')
+    x = torch.from_numpy(preprocess([train.read(k) for k in range(len(train))], spec.preprocessing))
+    torch.manual_seed(0)
+    det = wrap(recalibrate_batchnorm(build_model(spec), torch.cat([x, x.flip(-1)])), spec)
+    res = export(det, 'shelf-cam-x86', shelves, ws, name='shelf-ssdlite', precisions=['fp32'], latency_runs=5, latency_warmup=1,
+                 postprocessing={'score_threshold': 0.05})
+    assert res.task == 'detection' and res.parity.passed and res.version == 'dev'
+    o = res.parity.outputs
+    assert o['rows_compared'] >= 10 and o['min_box_iou'] >= 0.99 and o['box_agreement'] == 1.0 and o['max_abs_diff'] <= 1e-4
+    for fmt in ('torch', 'onnx-fp32'):
+        assert {'map50_95', 'map50', 'map75', 'mar100'} <= set(res.evaluations[fmt].metrics)
+    assert res.parity.metric == 'map50_95' and 'pr_curves' in res.evaluations['onnx-fp32'].plots
+    sess = ort.InferenceSession(str(res.onnx['fp32']), providers=['CPUExecutionProvider'])
+    assert sess.get_inputs()[0].shape == [1, 3, 320, 320]  # detectors: batch fixed at 1
+    p = Predictor.from_bundle(res.bundle, workspace=ws)
+    assert check_golden(p).ok and p.task == 'detection' and p.labels == [c.name for c in sorted(shelves.dataset.categories, key=lambda c: c.id)]
+    assert verify_bundle(res.bundle, workspace=ws).meta.precision.chosen == 'fp32'
+
+
+def test_detection_checkpoint_with_tied_scores(ws, shelves):
+    "One training step leaves SSDlite's scores tied across anchors: those rows are compared by score, and the report says so."
+    run = fit(TrainConfig(task='detection', epochs=1, batch_size=2, max_steps=1, wandb_mode='disabled'), shelves, ws, run_name='ssd')
+    res = export(run.last_checkpoint, 'shelf-cam-x86', shelves, ws, precisions=['fp32'], latency_runs=3, latency_warmup=1)
+    o = res.parity.outputs
+    assert res.parity.passed and o['tied_rows'] > 0 and o['max_abs_diff'] <= 1e-4
+    assert res.parity.metric_delta_pts <= 0.1
