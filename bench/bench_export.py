@@ -11,15 +11,16 @@ Models:
   recalibrated on the training photos (see the comment in `main` for why not briefly trained). Target: at least 2x.
 
 `retail_cv.export.benchmark` times torch, onnx-fp32 and onnx-int8 at batch 1 on a real validation photo, each format
-in its own block (warm-up calls, timed calls, a pause for spinning worker threads), `--repeats` blocks in rotation,
-keeping each format's least-disturbed block. Reported latencies are medians. The headline ratio (`defaults`, checked
-against the target) runs each runtime with its own defaults on this machine, as the design notes' anchors were
+in its own block (warm-up calls, timed calls, a pause for spinning worker threads), `--repeats` rounds with the order
+rotated every round (`retail_cv.export.measure_latencies`), keeping each format's least-disturbed block. Reported
+latencies are medians. The headline ratio (`defaults`, checked against the target) runs each runtime with its own defaults on this machine, as the design notes' anchors were
 measured; it runs before and after the per-profile runs and keeps the less disturbed of the two, because the
 development machine is shared and a burst of other work only ever adds time. Then once per profile: ONNX Runtime with the profile's providers and threads, PyTorch with
 `torch.set_num_threads` of the profile's intra-op threads (a profile with more threads than this machine has cores,
 such as shelf-cam-x86's 4 on a 2-core box, oversubscribes both and says more about the box than the runtimes).
 Then `retail_cv.export.export` runs the full export for the profile (parity gate, int8 quantisation with its accuracy
-gate, latency of each allowed precision on the profile) and the result records the chosen precision and why.
+gate, latency of each allowed precision on the profile, timed together with `measure_latencies` in `--repeats` rotated
+blocks) and the result records the chosen precision and why, with every block's median (`latency_blocks`).
 """
 from __future__ import annotations
 
@@ -70,10 +71,12 @@ def one_model(kind: str, checkpoint, data, ws: Workspace, profiles: list[str], a
         rep = benchmark(checkpoint, data, profile=prof, workspace=ws, runs=args.runs, warmup=args.warmup, repeats=args.repeats)
         print(f"\n{kind} on {prof} ({rep.device}):\n{rep.table()}", flush=True)
         try:
-            res = export(checkpoint, prof, data, ws, latency_runs=args.runs, latency_warmup=args.warmup)
+            res = export(checkpoint, prof, data, ws, latency_runs=args.runs, latency_warmup=args.warmup, latency_repeats=args.repeats)
             by = {m.precision: m.model_dump() for m in res.precision.measurements}
             print(f"export for {prof}: ships {res.precision.chosen}. {res.precision.reason}", flush=True)
-            exp = {'chosen': res.precision.chosen, 'reason': res.precision.reason, 'measurements': by,
+            # every latency block behind the choice (fp32 and int8 timed together, order rotated each round)
+            blocks = {k: {f: v for f, v in t.to_dict().items() if f != 'times_ms'} for k, t in res.timings.items()}
+            exp = {'chosen': res.precision.chosen, 'reason': res.precision.reason, 'measurements': by, 'latency_blocks': blocks,
                    'parity': res.parity.to_dict(), 'notes': res.notes, 'bundle': res.bundle.name}
         except ParityError as e:  # a finding, not a crash: record the numbers
             print(f"export for {prof}: {e}", flush=True)

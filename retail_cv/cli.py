@@ -20,16 +20,23 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import retail_cv
-from .core import RetailCVError, Settings, Workspace, load_settings
+from .core import ConfigError, RetailCVError, Settings, Workspace, load_settings, parse_model
 
 # %% auto #0
 __all__ = ['console', 'err_console', 'app', 'docs_app', 'REQUIRED', 'models_app', 'keys_app', 'bundle_app', 'profiles_app',
-           'data_app', 'main', 'version', 'doctor_report', 'doctor', 'models_list', 'models_check_weights', 'train',
-           'tune_cmd', 'evaluate_cmd', 'export_cmd', 'benchmark_cmd', 'keys_generate', 'bundle_verify', 'profiles_list',
-           'predict', 'demo', 'docs_build', 'docs_check', 'data_validate', 'data_convert', 'data_synth', 'data_ingest',
-           'data_versions', 'data_diff', 'data_verify', 'data_checkout', 'data_keygen']
+           'data_app', 'runs_app', 'jobs_app', 'pipeline_app', 'registry_app', 'token_app', 'k8s_app', 'main',
+           'version', 'doctor_report', 'doctor', 'models_list', 'models_check_weights', 'train', 'tune_cmd',
+           'evaluate_cmd', 'export_cmd', 'benchmark_cmd', 'keys_generate', 'bundle_verify', 'profiles_list', 'predict',
+           'demo', 'docs_build', 'docs_check', 'data_validate', 'data_convert', 'data_synth', 'data_ingest',
+           'data_versions', 'data_diff', 'data_verify', 'data_checkout', 'data_keygen', 'run_cmd', 'runs_list',
+           'runs_show', 'jobs_list', 'pipeline_run', 'pipeline_check', 'registry_list', 'registry_show',
+           'registry_register', 'registry_alias', 'registry_unalias', 'registry_promote', 'registry_rollback',
+           'registry_tag', 'registry_audit', 'registry_verify', 'registry_lineage', 'registry_from_dataset',
+           'registry_card', 'registry_check', 'registry_whoami', 'token_create', 'token_list', 'token_revoke',
+           'k8s_render', 'sync_cmd']
 
 # %% ../nbs/99_cli.ipynb #1d0f8f1e
 console = Console()
@@ -343,16 +350,26 @@ def predict(ctx: typer.Context, bundle: Path = typer.Argument(..., help="Signed 
 # %% ../nbs/99_cli.ipynb #572ca9f7
 @app.command()
 def demo(ctx: typer.Context,
-         shelf_images: int = typer.Option(40, help="Synthetic shelf images to render"),
-         seed: int = typer.Option(0, help="Seed of the synthetic data, splits and augmentation")):
-    "Run the end-to-end walk on embedded defaults and write an HTML report."
-    from retail_cv.demo import run_demo
+         shelf_images: Optional[int] = typer.Option(None, help="Synthetic shelves to train the detector on"),
+         heldout_images: Optional[int] = typer.Option(None, help="Held-out shelves (unseen seed) the detector is scored on"),
+         seed: Optional[int] = typer.Option(None, help="Seed of the training shelves, splits and initialisation"),
+         detector_minutes: Optional[float] = typer.Option(None, help="Training budget of the shelf detector, minutes"),
+         classifier_minutes: Optional[float] = typer.Option(None, help="Training budget of the product classifier, minutes"),
+         profile: Optional[list[str]] = typer.Option(None, '--profile', help="Device profile to build bundles for (repeat for more)"),
+         force: bool = typer.Option(False, '--force', help="Re-run every job step instead of reusing cached ones")):
+    "Run the whole walk on embedded defaults: data, training, evaluation, export, registry, edge runtime, HTML report."
+    from retail_cv.demo import DemoConfig, run_demo
+    given = dict(shelf_images=shelf_images, heldout_images=heldout_images, seed=seed, detector_minutes=detector_minutes,
+                 classifier_minutes=classifier_minutes, profiles=profile or None)
+    cfg = parse_model(DemoConfig, {k: v for k, v in given.items() if v is not None}, {**{k: f'--{k.replace("_", "-")}' for k in given}, 'profiles': '--profile'})
     ws = Workspace.open(ctx.obj.settings().workspace)
     console.print(f"retail_cv demo in workspace {ws.root}", highlight=False)
-    def show(s): console.print(f"  [green]✓[/] {s.step:<24} {s.seconds:6.1f} s  {'[dim](reused)[/] ' if s.reused else ''}{s.result}", highlight=False)
-    res = run_demo(ws, {'shelf_images': shelf_images, 'seed': seed}, on_step=show)
-    table = Table('step', 'result', 'time', 'reused', title='retail_cv demo')
-    for s in res.steps: table.add_row(s.step, s.result, f"{s.seconds:.1f} s", 'yes' if s.reused else '')
+    def show(s):
+        if s.running: console.print(f"  [dim]… {s.step}[/]", highlight=False)
+        else: console.print(f"  [green]✓[/] {s.step:<32} {s.seconds:6.1f} s  {'[dim](cached)[/] ' if s.reused else ''}{s.result}", highlight=False)
+    res = run_demo(ws, cfg, on_step=show, force=force)
+    table = Table('step', '', 'time', 'result', title='retail_cv demo')
+    for s in res.steps: table.add_row(s.step, 'cached' if s.reused else 'ran', f"{s.seconds:.1f} s", s.result)
     console.print(table)
     console.print(f"report: {res.report}", highlight=False)
 
@@ -511,3 +528,476 @@ def data_keygen(path: Path = typer.Argument(..., help="Key file to create (mode 
     "Create a random AES-256 data key file for encrypted ingests."
     from retail_cv.data.privacy import generate_key
     console.print(f"key written to {generate_key(path, overwrite=force)}", highlight=False)
+
+# %% ../nbs/99_cli.ipynb #46c2b151
+runs_app = typer.Typer(no_args_is_help=True, help="List and show the run records of jobs.")
+jobs_app = typer.Typer(no_args_is_help=True, help="List the job notebooks and their parameters.")
+app.add_typer(runs_app, name='runs'); app.add_typer(jobs_app, name='jobs')
+
+_STATUS_COLOUR = {'completed': 'green', 'failed': 'red', 'interrupted': 'yellow', 'running': 'cyan'}
+
+def _status(s: str) -> str: return f"[{_STATUS_COLOUR.get(s, 'white')}]{s}[/]"
+
+def _show_record(rec) -> None:
+    "A run record as a few readable lines and tables."
+    dur = f"{rec.duration_s:.1f} s" if rec.duration_s is not None else '-'
+    console.print(f"run [bold]{rec.run_id}[/] ({rec.job}): {_status(rec.status)} in {dur}", highlight=False, soft_wrap=True)
+    git = rec.git.get('commit') or '-'
+    console.print(f"notebook {rec.notebook} (sha256 {rec.notebook_sha256[:12]}), kernel {rec.kernel}, git {git[:12]}"
+                  f"{' (dirty)' if rec.git.get('dirty') else ''}, seed {rec.seed}", highlight=False, soft_wrap=True)
+    console.print(f"record {rec.path}\nexecuted notebook {rec.executed}", highlight=False, soft_wrap=True)
+    if rec.parameters:
+        t = Table('parameter', 'value', title='parameters'); [t.add_row(k, json.dumps(v)) for k, v in rec.parameters.items()]; console.print(t)
+    if rec.outputs or rec.artifacts or rec.inputs:
+        t = Table('output', 'value / path', 'sha256', title='outputs')
+        for k, v in rec.inputs.items(): t.add_row(f"input {k}", str(v), '')
+        for k, v in rec.outputs.items(): t.add_row(k, json.dumps(v)[:80], '')
+        for k, a in rec.artifacts.items(): t.add_row(k, a['path'], (a.get('sha256') or a.get('kind', ''))[:16])
+        console.print(t)
+    if rec.error:
+        where = f" in cell {rec.error['cell_index']}" if rec.error.get('cell_index') is not None else ''
+        err_console.print(f"[bold red]{rec.error['type']}{where}:[/] {rec.error['message']}", highlight=False, soft_wrap=True)
+        if rec.error.get('cell_source'): err_console.print(rec.error['cell_source'], highlight=False, markup=False, soft_wrap=True)
+
+@app.command('run')
+def run_cmd(ctx: typer.Context,
+            job: str = typer.Argument(..., help="Job name (see `retail-cv jobs list`) or path to a job notebook"),
+            param: list[str] = typer.Option([], '--param', '-p', help="Parameter key=value (repeatable); the value is read as YAML unless the parameter is a string"),
+            params_file: Optional[Path] = typer.Option(None, '--params-file', '-f', help="YAML file of parameters (-p wins)"),
+            kernel: Optional[str] = typer.Option(None, help="Jupyter kernel [default: retail-cv, else python3]"),
+            log_output: bool = typer.Option(False, '--log-output', help="Stream the notebook's output while it runs"),
+            quiet: bool = typer.Option(False, '--quiet', '-q', help="No progress bar"),
+            as_json: bool = typer.Option(False, '--json', help="Print the run record as JSON")):
+    "Run a job notebook with papermill and write its run record; exit 1 if the job fails."
+    import logging
+    from retail_cv.jobs import parse_params, run_job
+    if log_output: logging.basicConfig(level=logging.INFO, format='%(message)s')
+    try:
+        rec = run_job(job, parse_params(param, params_file), _workspace(ctx), kernel=kernel,
+                      progress=not (quiet or as_json), log_output=log_output)
+    except KeyboardInterrupt:
+        err_console.print("[bold yellow]interrupted:[/] the kernel was stopped; the run record says so (retail-cv runs list)")
+        raise typer.Exit(130)
+    if as_json: console.print_json(json.dumps(rec.to_dict(), default=str))
+    else: _show_record(rec)
+    if rec.status != 'completed': raise typer.Exit(1)
+
+@runs_app.command('list')
+def runs_list(ctx: typer.Context,
+              job: Optional[str] = typer.Option(None, '--job', help="Only runs of this job"),
+              last: int = typer.Option(0, '--last', help="Only the newest N runs; 0 = all"),
+              as_json: bool = typer.Option(False, '--json', help="Print as JSON")):
+    "List the job runs of the workspace, oldest first."
+    from retail_cv.jobs import list_runs
+    recs = list_runs(_workspace(ctx), job=job)
+    if last > 0: recs = recs[-last:]
+    if as_json: console.print_json(json.dumps([r.to_dict() for r in recs], default=str)); return
+    t = Table('job', 'status', 'started', 'time', 'outputs', title=f"runs in {_workspace(ctx).root/'runs'}")
+    t.add_column('run id', overflow='fold')
+    for r in recs:
+        outs = ', '.join(f"{k}={v}" for k, v in r.outputs.items() if isinstance(v, (str, int, float)))[:60]
+        t.add_row(r.job, _status(r.status), r.started[:19].replace('T', ' '),
+                  f"{r.duration_s:.1f} s" if r.duration_s is not None else '-', outs, r.run_id)
+    console.print(t)
+
+@runs_app.command('show')
+def runs_show(ctx: typer.Context, run_id: str = typer.Argument(..., help="Run id or a unique prefix of one"),
+              as_json: bool = typer.Option(False, '--json', help="Print the record as JSON")):
+    "Show one run record: parameters, outputs with hashes, environment, and the failing cell of a failed run."
+    from retail_cv.jobs import load_run
+    rec = load_run(run_id, _workspace(ctx))
+    if as_json: console.print_json(json.dumps(rec.to_dict(), default=str))
+    else: _show_record(rec)
+
+@jobs_app.command('list')
+def jobs_list(as_json: bool = typer.Option(False, '--json', help="Print as JSON")):
+    "List the job notebooks ($RETAIL_CV_JOBS or nbs/jobs/) with their parameters."
+    from retail_cv.jobs import job_parameters, jobs_dir, list_jobs
+    rows = {name: {k: {'type': p.type, 'default': p.default, 'help': p.help} for k, p in job_parameters(path).items()}
+            for name, path in list_jobs().items()}
+    if as_json: console.print_json(json.dumps(rows, default=str)); return
+    t = Table('job', 'parameter', 'type', 'default', 'help', title=f"jobs in {jobs_dir()}")
+    for name, ps in rows.items():
+        for i, (k, p) in enumerate(ps.items()): t.add_row(name if i == 0 else '', k, p['type'], repr(p['default'])[:30], p['help'][:60])
+    console.print(t)
+
+# %% ../nbs/99_cli.ipynb #0dc2380e
+pipeline_app = typer.Typer(no_args_is_help=True, help="Run YAML pipelines of jobs with step caching.")
+app.add_typer(pipeline_app, name='pipeline')
+
+_STEP_MARK = {'ran': '[green]✓[/]', 'cached': '[blue]↺[/]', 'failed': '[red]✗[/]', 'skipped': '[yellow]-[/]'}
+
+def _step_table(run) -> Table:
+    t = Table('step', 'job', 'status', 'time', title=f"pipeline {run.name}: {run.status}")
+    t.add_column('run id', overflow='fold'); t.add_column('note', overflow='fold')
+    colour = {'ran': 'green', 'cached': 'blue', 'failed': 'red', 'skipped': 'yellow', 'pending': 'white'}
+    for s in run.steps:
+        t.add_row(s.step, s.job, f"[{colour[s.status]}]{s.status}[/]", f"{s.seconds:.1f} s" if s.status in ('ran', 'failed') else '-',
+                  s.run_id or '-', (s.error or '')[:80])
+    return t
+
+@pipeline_app.command('run')
+def pipeline_run(ctx: typer.Context,
+                 file: Path = typer.Argument(..., help="Pipeline YAML file"),
+                 force: bool = typer.Option(False, '--force', help="Re-run every step, cached or not"),
+                 from_step: Optional[str] = typer.Option(None, '--from', help="Re-run this step and everything downstream of it"),
+                 kernel: Optional[str] = typer.Option(None, help="Jupyter kernel [default: retail-cv, else python3]"),
+                 progress: bool = typer.Option(False, '--progress', help="Papermill's progress bar for each step that runs"),
+                 as_json: bool = typer.Option(False, '--json', help="Print the pipeline run record as JSON")):
+    "Run a pipeline: steps in dependency order, unchanged steps from the cache, dependants of a failed step skipped."
+    from retail_cv.pipeline import run_pipeline
+    def show(s):
+        if as_json: return
+        if s.status == 'pending': console.print(f"  [dim]…[/] {s.step} ({s.job})", highlight=False); return
+        note = f"  [red]{s.error}[/]" if s.error else ''
+        console.print(f"  {_STEP_MARK[s.status]} {s.step:<16} {s.status:<8} {s.seconds:6.1f} s  {s.run_id or ''}{note}", highlight=False, soft_wrap=True)
+    try: run = run_pipeline(file, _workspace(ctx), force=force, from_step=from_step, kernel=kernel, progress=progress, on_step=show)
+    except KeyboardInterrupt:
+        err_console.print("[bold yellow]interrupted:[/] the running step's kernel was stopped; completed steps stay cached")
+        raise typer.Exit(130)
+    if as_json: console.print_json(json.dumps(run.to_dict(), default=str))
+    else:
+        console.print(_step_table(run))
+        console.print(f"record {run.path}", highlight=False, soft_wrap=True)
+    if run.status != 'completed': raise typer.Exit(1)
+
+@pipeline_app.command('check')
+def pipeline_check(file: Path = typer.Argument(..., help="Pipeline YAML file")):
+    "Check a pipeline file (keys, jobs, parameters, references, cycles) and print its steps in run order."
+    from retail_cv.pipeline import load_pipeline
+    pipe = load_pipeline(file)
+    t = Table('step', 'job', 'after', 'uses', title=f"pipeline {pipe.name}: {len(pipe.steps)} steps, in run order")
+    for s in pipe.steps.values():
+        t.add_row(s.name, str(s.job), ', '.join(s.deps) or '-', ', '.join(f"{a}.{b}" for a, b in s.refs) or '-')
+    console.print(t)
+
+# %% ../nbs/99_cli.ipynb #registry-cli
+registry_app = typer.Typer(no_args_is_help=True, help="Model registry: versions, aliases, promotion gate, lineage, cards, audit log (token: $RETAIL_CV_TOKEN).")
+token_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke registry tokens (admin role).")
+registry_app.add_typer(token_app, name='token')
+app.add_typer(registry_app, name='registry')
+
+def _registry(ctx: typer.Context):
+    from retail_cv.registry import Registry
+    return Registry(_workspace(ctx))
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    "KEY=VALUE options as a dict; a malformed one is a ConfigError naming it."
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key.strip(): raise ConfigError(f"{what} {item!r} must be KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+def _numbers(items: list[str], what: str) -> dict[str, float]:
+    out = {}
+    for k, v in _pairs(items, what).items():
+        try: out[k] = float(v)
+        except ValueError: raise ConfigError(f"{what} {k}={v!r}: the value must be a number") from None
+    return out
+
+def _json_value(v: str):
+    try: return json.loads(v)
+    except ValueError: return v  # a bare word is a string
+
+def _version_table(versions, title: str, refs: bool = False) -> Table:
+    "Versions as a table; `refs`: name each row NAME:VERSION (the title does not name the model)."
+    t = Table(title=title)
+    for col in ('version', 'aliases', 'metrics', 'data', 'run', 'sha256', 'registered'): t.add_column(col, overflow='fold')
+    for mv in versions:
+        t.add_row(Text(mv.ref if refs else str(mv.version)), Text(', '.join(mv.aliases)),
+                  Text(', '.join(f"{k} {v:.4g}" for k, v in mv.metrics.items())), Text(', '.join(mv.dataset_versions)),
+                  Text(mv.run_id or ''), mv.sha256[:8], Text(f"{mv.created_at[:10]} {mv.created_by}"))
+    return t
+
+def _show_version(mv) -> None:
+    t = Table('field', 'value', title=f"{mv.ref}", show_header=False)
+    for k in ('artifact', 'sha256', 'size', 'run_id', 'parent', 'created_at', 'created_by'): t.add_row(k, Text(str(getattr(mv, k))))
+    t.add_row('aliases', Text(', '.join(mv.aliases) or '-')); t.add_row('datasets', Text(', '.join(mv.dataset_versions) or '-'))
+    for k, v in mv.metrics.items(): t.add_row(f"metric {k}", f"{v:.6g}")
+    for k, v in mv.params.items(): t.add_row(f"param {k}", Text(json.dumps(v)))
+    for k, v in mv.tags.items(): t.add_row(f"tag {k}", Text(v))
+    for b in mv.bundles: t.add_row(f"bundle {b.profile}", Text(f"{b.path} (sha256 {b.sha256[:12]})"))
+    console.print(t)
+
+@registry_app.command('list')
+def registry_list(ctx: typer.Context, as_json: bool = typer.Option(False, '--json', help="Print as JSON")):
+    "List the registered models with their latest version and aliases."
+    models = _registry(ctx).list_models()
+    if as_json: console.print_json(json.dumps([m.__dict__ for m in models])); return
+    t = Table('model', 'latest', 'champion', 'candidate', 'canary', 'created', title='registered models')
+    for m in models:
+        t.add_row(Text(m.name), str(m.latest), *(str(m.aliases.get(a, '-')) for a in ('champion', 'candidate', 'canary')),
+                  Text(f"{m.created_at[:16].replace('T', ' ')} {m.created_by}"))
+    console.print(t)
+
+@registry_app.command('show')
+def registry_show(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME (all versions), NAME:VERSION or NAME@ALIAS"),
+                  as_json: bool = typer.Option(False, '--json', help="Print as JSON")):
+    "Show one model version, or every version of a model."
+    from retail_cv.registry import split_ref
+    reg, (name, sel) = _registry(ctx), split_ref(ref)
+    whole = ':' not in ref and '@' not in ref  # a bare name means every version
+    versions = reg.versions(name) if whole else [reg.get(name, sel)]
+    if as_json: console.print_json(json.dumps([v.to_dict() for v in versions] if whole else versions[0].to_dict()))
+    elif whole: console.print(_version_table(versions, f"versions of {name}"))
+    else: _show_version(versions[0])
+
+@registry_app.command('register')
+def registry_register(ctx: typer.Context,
+                      name: str = typer.Argument(..., help="Model name"),
+                      artifact: Path = typer.Argument(..., help="Checkpoint, ONNX file or bundle"),
+                      run: Optional[str] = typer.Option(None, '--run', help="Training run id"),
+                      data: list[str] = typer.Option([], '--data', help="Dataset version it was trained on (repeatable)"),
+                      metric: list[str] = typer.Option([], '--metric', help="Metric KEY=NUMBER (repeatable)"),
+                      param: list[str] = typer.Option([], '--param', help="Parameter KEY=VALUE, value read as JSON (repeatable)"),
+                      tag: list[str] = typer.Option([], '--tag', help="Tag KEY=VALUE (repeatable)"),
+                      parent: Optional[int] = typer.Option(None, '--parent', help="Version this one was derived from"),
+                      reason: str = typer.Option('', '--reason', help="Why, for the audit log"),
+                      as_json: bool = typer.Option(False, '--json', help="Print the version as JSON")):
+    "Register an artifact as the next version of a model (developer role)."
+    metrics, tags = _numbers(metric, 'metric'), _pairs(tag, 'tag')
+    params = {k: _json_value(v) for k, v in _pairs(param, 'param').items()}
+    mv = _registry(ctx).register(name, artifact, run_id=run, dataset_version=data or None, parent=parent, metrics=metrics,
+                                 params=params, tags=tags, reason=reason)
+    if as_json: console.print_json(json.dumps(mv.to_dict())); return
+    console.print(f"registered [bold]{mv.ref}[/] (sha256 {mv.sha256[:12]}, {mv.size:,} bytes)", highlight=False)
+
+@registry_app.command('alias')
+def registry_alias(ctx: typer.Context, name: str = typer.Argument(..., help="Model name"),
+                   version: str = typer.Argument(..., help="Version number or alias"),
+                   alias: str = typer.Argument(..., help="candidate or canary (the champion moves with `promote`)"),
+                   reason: str = typer.Option('', '--reason', help="Why, for the audit log")):
+    "Point the candidate or canary alias at a version (developer role)."
+    mv = _registry(ctx).set_alias(name, version, alias, reason)
+    console.print(f"{alias} of {name} is now version {mv.version}", highlight=False)
+
+@registry_app.command('unalias')
+def registry_unalias(ctx: typer.Context, name: str = typer.Argument(..., help="Model name"),
+                     alias: str = typer.Argument(..., help="champion, candidate or canary"),
+                     reason: str = typer.Option('', '--reason', help="Why, for the audit log")):
+    "Remove an alias (champion: approver role)."
+    _registry(ctx).remove_alias(name, alias, reason)
+    console.print(f"{name} has no {alias} now", highlight=False)
+
+@registry_app.command('promote')
+def registry_promote(ctx: typer.Context, name: str = typer.Argument(..., help="Model name"),
+                     version: str = typer.Argument(..., help="Version number or alias (e.g. candidate)"),
+                     alias: str = typer.Option('champion', '--alias', help="Alias to move"),
+                     metric: str = typer.Option('val/acc', '--metric', help="Metric the gate compares"),
+                     margin: float = typer.Option(0.0, '--margin', help="Must beat the holder by more than this"),
+                     lower_is_better: bool = typer.Option(False, '--lower-is-better', help="For losses and error rates"),
+                     approve: bool = typer.Option(False, '--approve', help="Move even if the gate refuses (approver role)"),
+                     reason: str = typer.Option('', '--reason', help="Why, for the audit log (required)"),
+                     as_json: bool = typer.Option(False, '--json', help="Print the decision as JSON")):
+    "Promote a version through the gate: it must beat the current holder on the metric, or be approved."
+    p = _registry(ctx).promote(name, version, alias, metric, margin, not lower_is_better, approve, reason)
+    if as_json: console.print_json(json.dumps(p.__dict__)); return
+    was = f"version {p.previous}" if p.previous is not None else 'nobody'
+    vals = f" ({p.metric} {p.value} vs {p.baseline})" if p.baseline is not None else ''
+    console.print(f"{p.decision}: {alias} of {name} is version {p.version} (was {was}){vals}", highlight=False)
+
+@registry_app.command('rollback')
+def registry_rollback(ctx: typer.Context, name: str = typer.Argument(..., help="Model name"),
+                      alias: str = typer.Option('champion', '--alias', help="Alias to move back"),
+                      reason: str = typer.Option('', '--reason', help="Why, for the audit log (required)")):
+    "Move an alias back to its previous holder (champion: approver role)."
+    mv = _registry(ctx).rollback(name, alias, reason)
+    console.print(f"{alias} of {name} is back at version {mv.version}", highlight=False)
+
+@registry_app.command('tag')
+def registry_tag(ctx: typer.Context, name: str = typer.Argument(..., help="Model name"),
+                 version: str = typer.Argument(..., help="Version number or alias"),
+                 pairs: list[str] = typer.Argument(None, help="Tags KEY=VALUE to set"),
+                 remove: list[str] = typer.Option([], '--remove', help="Tag key to remove (repeatable)"),
+                 reason: str = typer.Option('', '--reason', help="Why, for the audit log")):
+    "Set or remove tags of a version (developer role)."
+    tags = _pairs(pairs or [], 'tag')
+    if not tags and not remove: raise ConfigError("give tags as KEY=VALUE and/or --remove KEY")
+    reg = _registry(ctx)
+    for k, v in tags.items(): mv = reg.set_tag(name, version, k, v, reason)
+    for k in remove: mv = reg.remove_tag(name, version, k, reason)
+    console.print(f"{mv.ref} tags: {json.dumps(mv.tags)}", highlight=False, markup=False)
+
+@registry_app.command('audit')
+def registry_audit(ctx: typer.Context, limit: int = typer.Option(20, '--limit', help="Newest entries to show"),
+                   action: Optional[str] = typer.Option(None, '--action', help="Only this action"),
+                   as_json: bool = typer.Option(False, '--json', help="Print as JSON")):
+    "Show the newest audit log entries."
+    entries = _registry(ctx).audit(limit, action)
+    if as_json: console.print_json(json.dumps([e.__dict__ for e in entries])); return
+    t = Table('seq', 'time (UTC)', 'actor (role)', 'action', 'target', 'outcome', 'details', 'reason', title='audit log')
+    colour = {'ok': 'green', 'denied': 'red', 'refused': 'yellow'}
+    for e in entries:
+        t.add_row(str(e.seq), e.time[:19].replace('T', ' '), Text(f"{e.actor} ({e.role})"), e.action, Text(e.target),
+                  Text(e.outcome, style=colour.get(e.outcome, '')), Text(_audit_summary(e.details)), Text(e.reason))
+    console.print(t)
+
+def _audit_summary(d: dict) -> str:
+    "The details of an audit entry that matter at a glance (all of them: --json)."
+    if 'decision' in d:
+        vals = f" {d['metric']} {d['value']} vs {d['baseline']}" if d.get('baseline') is not None else ''
+        return f"{d['decision']} v{d['version']}{vals}"
+    if 'needs' in d: return f"needs {d['needs']}"
+    if 'sha256' in d: return f"sha256 {d['sha256'][:12]}" + ''.join(f", {k} {v:.4g}" for k, v in (d.get('metrics') or {}).items())
+    return ', '.join(f"{k} {v}" for k, v in d.items() if v is not None)[:60]
+
+@registry_app.command('verify')
+def registry_verify(ctx: typer.Context, as_json: bool = typer.Option(False, '--json', help="Print the report as JSON")):
+    "Check the audit log's hash chain; exit 1 naming the first broken entry."
+    rep = _registry(ctx).verify()
+    if as_json: console.print_json(json.dumps(rep.__dict__))
+    elif rep.ok: console.print(f"[green]ok[/]: {rep}", highlight=False)
+    if not rep.ok:
+        if as_json: raise typer.Exit(1)
+        from retail_cv.core import IntegrityError
+        raise IntegrityError(str(rep))
+
+@registry_app.command('lineage')
+def registry_lineage(ctx: typer.Context, name: str = typer.Argument(..., help="Model name"),
+                     version: str = typer.Argument('latest', help="Version number or alias"),
+                     png: Optional[Path] = typer.Option(None, '--png', help="Also draw the lineage graph to this PNG file"),
+                     as_json: bool = typer.Option(False, '--json', help="Print as JSON")):
+    "Show dataset version(s) -> run -> model version -> bundles for a version."
+    from retail_cv.registry import plot_lineage
+    lin = _registry(ctx).lineage(name, version)
+    if png is not None: plot_lineage(lin, png)
+    if as_json: console.print_json(json.dumps(lin.to_dict()))
+    else: console.print(str(lin), highlight=False, markup=False, soft_wrap=True)
+    if png is not None and not as_json: err_console.print(f"wrote {png}", highlight=False)
+
+@registry_app.command('from-dataset')
+def registry_from_dataset(ctx: typer.Context, dataset: str = typer.Argument(..., help="Dataset version (name@id, name@id-prefix or id)"),
+                          as_json: bool = typer.Option(False, '--json', help="Print as JSON")):
+    "List the model versions trained on a dataset version."
+    found = _registry(ctx).models_from_dataset(dataset)
+    if as_json: console.print_json(json.dumps([v.to_dict() for v in found])); return
+    console.print(_version_table(found, f"model versions from {dataset}", refs=True))
+
+@registry_app.command('card')
+def registry_card(ctx: typer.Context, name: str = typer.Argument(..., help="Model name"),
+                  version: str = typer.Argument('latest', help="Version number or alias"),
+                  intended_use: Optional[str] = typer.Option(None, help="Intended use [default: the version's intended_use tag]"),
+                  limitations: Optional[str] = typer.Option(None, help="Limitations [default: its limitations tag]"),
+                  data_license: Optional[str] = typer.Option(None, help="Licence of the data [default: its data_license tag]"),
+                  license: Optional[str] = typer.Option(None, '--license', help="Licence of the model and code [default: its license tag, else retail_cv's]")):
+    "Write a version's model card (Markdown and HTML) beside the registry entry and print the Markdown."
+    reg = _registry(ctx)
+    md, _ = reg.model_card(name, version, intended_use, limitations, data_license, license)
+    mv = reg.get(name, version)
+    console.print(md, highlight=False, markup=False, soft_wrap=True)
+    err_console.print(f"wrote {reg.root/'cards'/mv.name}/v{mv.version}.md and .html", highlight=False)
+
+@registry_app.command('check')
+def registry_check(ctx: typer.Context, ref: str = typer.Argument(..., help="NAME, NAME:VERSION or NAME@ALIAS")):
+    "Check that a version's artifact still has the sha256 it was registered with; exit 1 if not."
+    from retail_cv.registry import split_ref
+    mv = _registry(ctx).check_artifact(*split_ref(ref))
+    console.print(f"[green]ok[/]: {mv.ref} artifact {mv.artifact} matches sha256 {mv.sha256[:12]}", highlight=False)
+
+@registry_app.command('whoami')
+def registry_whoami(ctx: typer.Context):
+    "Print the actor and role this session acts as."
+    who = _registry(ctx).whoami()
+    console.print(f"{who.actor} ({who.role}, {who.auth})", highlight=False, markup=False)
+
+@token_app.command('create')
+def token_create(ctx: typer.Context, actor: str = typer.Argument(..., help="Who the token stands for"),
+                 role: str = typer.Argument(..., help="viewer, developer, approver or admin"),
+                 reason: str = typer.Option('', '--reason', help="Why, for the audit log")):
+    "Create a token (admin role; the first one, an admin token, locally) and print it once."
+    token = _registry(ctx).create_token(actor, role, reason)
+    console.print(token, highlight=False, markup=False, soft_wrap=True)
+    err_console.print(f"{role} token for {actor}: store it now, it is not shown again; use it as $RETAIL_CV_TOKEN", highlight=False)
+
+@token_app.command('list')
+def token_list(ctx: typer.Context, as_json: bool = typer.Option(False, '--json', help="Print as JSON")):
+    "List the tokens (ids, never the tokens)."
+    rows = _registry(ctx).tokens()
+    if as_json: console.print_json(json.dumps(rows)); return
+    t = Table('id', 'actor', 'role', 'created', 'by', 'revoked', title='registry tokens')
+    for r in rows: t.add_row(r['token_id'], Text(r['actor']), r['role'], r['created_at'][:19], Text(r['created_by']), (r['revoked_at'] or '')[:19])
+    console.print(t)
+
+@token_app.command('revoke')
+def token_revoke(ctx: typer.Context, token_id: str = typer.Argument(..., help="Token id from `registry token list`"),
+                 reason: str = typer.Option('', '--reason', help="Why, for the audit log")):
+    "Revoke a token."
+    _registry(ctx).revoke_token(token_id, reason)
+    console.print(f"revoked token {token_id}", highlight=False)
+
+# %% ../nbs/99_cli.ipynb #b85a01c2
+k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes manifests that run job notebooks.")
+app.add_typer(k8s_app, name='k8s')
+
+def _assignments(items: list[str], option: str) -> dict[str, str]:
+    "NAME=VALUE options as a dict."
+    from retail_cv.core import ConfigError
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key.strip(): raise ConfigError(f"{option} {item!r} must be written NAME=VALUE")
+        out[key.strip()] = value
+    return out
+
+@k8s_app.command('render')
+def k8s_render(job: str = typer.Argument(..., help="Job name (see `retail-cv jobs list`) or path to a job notebook"),
+               param: list[str] = typer.Option([], '--param', '-p', help="Job parameter key=value (repeatable), checked against the notebook"),
+               params_file: Optional[Path] = typer.Option(None, '--params-file', '-f', help="YAML file of parameters (-p wins)"),
+               image: Optional[str] = typer.Option(None, help="Container image with retail_cv [default: $RETAIL_CV_IMAGE]"),
+               cpu: Optional[str] = typer.Option(None, help="CPU request and limit [default: 2]"),
+               memory: Optional[str] = typer.Option(None, help="Memory request and limit [default: 8Gi]"),
+               gpus: Optional[int] = typer.Option(None, help="Whole GPUs (per node with --nodes) [default: 0]"),
+               gpu_resource: Optional[str] = typer.Option(None, help="Resource name of the GPUs [default: nvidia.com/gpu]"),
+               gpu_fraction: Optional[float] = typer.Option(None, help="A share of one GPU (Run:ai gpu-fraction; needs --scheduler)"),
+               pvc: Optional[str] = typer.Option(None, '--pvc', help="PersistentVolumeClaim of the workspace [default: retail-cv-workspace]"),
+               namespace: Optional[str] = typer.Option(None, help="Namespace [default: default]"),
+               env: list[str] = typer.Option([], '--env', help="Environment variable NAME=VALUE (repeatable)"),
+               secret_env: list[str] = typer.Option([], '--secret-env', help="Variable read from a Secret, NAME=SECRET/KEY (repeatable)"),
+               workers: Optional[int] = typer.Option(None, help="Pods of an Indexed Job, each with $JOB_COMPLETION_INDEX [default: 1]"),
+               nodes: int = typer.Option(1, help="Nodes of a DDP training (more than 1: headless Service + Indexed Job with torchrun)"),
+               scheduler: Optional[str] = typer.Option(None, help="schedulerName, e.g. runai-scheduler [default: the cluster's]"),
+               queue: Optional[str] = typer.Option(None, help="Scheduler queue, e.g. a Run:ai project (label runai/queue)"),
+               wandb_mode: Optional[str] = typer.Option(None, help="W&B mode in the pod [default: offline]"),
+               k8s_version: Optional[str] = typer.Option(None, help="Kubernetes version of the schema to check against [default: 1.30]"),
+               validate: bool = typer.Option(True, '--validate/--no-validate', help="Check the manifests against the Kubernetes API schema"),
+               out: Optional[Path] = typer.Option(None, '--out', '-o', help="Write the YAML to this file instead of printing it")):
+    "Print the Kubernetes Job (YAML) that runs a job notebook with `retail-cv run` on the workspace volume."
+    from retail_cv.core import ConfigError, atomic_write
+    from retail_cv.jobs import parse_params
+    from retail_cv.k8s import K8S_VERSION, render_ddp_job, render_job, to_yaml, validate_manifest
+    given = {'image': image or os.environ.get('RETAIL_CV_IMAGE') or None, 'cpu': cpu, 'memory': memory, 'gpus': gpus,
+             'gpu_resource': gpu_resource, 'gpu_fraction': gpu_fraction, 'workspace_pvc': pvc, 'namespace': namespace,
+             'workers': workers, 'scheduler': scheduler, 'queue': queue, 'wandb_mode': wandb_mode,
+             'env': _assignments(env, '--env') or None, 'secret_env': _assignments(secret_env, '--secret-env') or None}
+    cfg = {k: v for k, v in given.items() if v is not None}
+    if 'image' not in cfg: raise ConfigError("no container image: pass --image or set $RETAIL_CV_IMAGE")
+    params = parse_params(param, params_file)
+    docs = render_ddp_job(job, params, cfg, nodes=nodes) if nodes > 1 else [render_job(job, params, cfg)]
+    if validate:
+        for d in docs: validate_manifest(d, k8s_version or K8S_VERSION)
+    text = to_yaml(docs)
+    if out is None: sys.stdout.write(text); return
+    atomic_write(out, text.encode())
+    err_console.print(f"wrote {len(docs)} manifest{'s' if len(docs) > 1 else ''} to {out}", highlight=False)
+
+@app.command('sync')
+def sync_cmd(ctx: typer.Context,
+             dry_run: bool = typer.Option(False, '--dry-run', help="List the offline runs and upload nothing"),
+             project: Optional[str] = typer.Option(None, help="Upload to this W&B project instead of each run's own"),
+             entity: Optional[str] = typer.Option(None, help="Upload to this W&B entity (team or user)"),
+             as_json: bool = typer.Option(False, '--json', help="Print the report as JSON")):
+    "List the workspace's offline W&B runs and upload them with `wandb sync`; without key or server, one error line."
+    from retail_cv.tracking import offline_runs, sync_runs
+    ws = _workspace(ctx)
+    if not as_json:
+        runs = offline_runs(ws)
+        table = Table('run dir', 'name', 'created', 'synced', title=f"offline W&B runs in {ws/'wandb'}")
+        for r in runs:
+            table.add_row(str(r.path.relative_to(ws/'wandb')), r.name or '-', r.created, '[green]yes[/]' if r.synced else '[yellow]no[/]')
+        if runs: console.print(table)
+    rep = sync_runs(ws, project=project, entity=entity, dry_run=dry_run)
+    if as_json: console.print_json(json.dumps(rep.to_dict())); return
+    if rep.uploaded: console.print(f"uploaded {len(rep.uploaded)} run{'s' if len(rep.uploaded) > 1 else ''} to {rep.server}", highlight=False)
+    else: console.print(rep.note, highlight=False)

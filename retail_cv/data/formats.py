@@ -15,10 +15,10 @@ import re
 import shutil
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.resources import files
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import yaml
 from PIL import Image
@@ -27,7 +27,7 @@ from ..core import DataError, atomic_open, atomic_write
 
 # %% auto #0
 __all__ = ['Task', 'IMAGE_EXTENSIONS', 'ImageMode', 'SPLIT_ALIASES', 'FORMATS', 'WRITABLE_FORMATS', 'Category', 'ImageRecord',
-           'Annotation', 'Dataset', 'exif_orientation', 'image_size', 'read_coco', 'write_coco', 'read_yolo',
+           'Annotation', 'Dataset', 'relabel', 'exif_orientation', 'image_size', 'read_coco', 'write_coco', 'read_yolo',
            'write_yolo', 'read_voc', 'write_voc', 'read_sku110k', 'read_folder', 'write_folder', 'read_grocery',
            'grocery_sample', 'detect_format', 'load_dataset', 'save_dataset']
 
@@ -153,6 +153,24 @@ class Dataset:
         info = dict(coco.get('info') or {})
         task = info.pop('task', None) or ('detection' if any(a.bbox is not None for a in anns) or not anns else 'classification')
         return cls(Path(root), task, cats, ims, anns, info)
+
+# %% ../../nbs/10_formats.ipynb #ea4c0900
+def relabel(ds: Dataset,  # the dataset to relabel (left unchanged)
+            mapping: Mapping[str, str] | Callable[[str], str],  # old category name -> new name
+           ) -> Dataset:
+    "A copy of `ds` whose categories are renamed and merged by `mapping`; new ids count from 1 in first-seen order."
+    names = ds.category_names
+    if isinstance(mapping, Mapping):
+        if unknown := sorted(set(mapping) - set(names.values())):
+            raise DataError(f"relabel: no category named {', '.join(map(repr, unknown))} (have {', '.join(sorted(names.values()))})")
+        new_name = lambda n: mapping.get(n, n)
+    else: new_name = mapping
+    new_ids: dict[str, int] = {}
+    for c in ds.categories: new_ids.setdefault(str(new_name(c.name)), len(new_ids) + 1)
+    to_new = {c.id: new_ids[str(new_name(c.name))] for c in ds.categories}
+    cats = [Category(i, n) for n, i in new_ids.items()]
+    anns = [replace(a, category_id=to_new.get(a.category_id, a.category_id)) for a in ds.annotations]
+    return replace(ds, categories=cats, annotations=anns)
 
 # %% ../../nbs/10_formats.ipynb #91b43e6e
 IMAGE_EXTENSIONS = frozenset({'.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.gif'})

@@ -32,13 +32,13 @@ from PIL import Image, ImageDraw, ImageFont
 from pydantic import Field, ValidationInfo, field_validator
 
 from .. import __version__
-from ..core import ConfigError, RetailCVError, StrictModel, atomic_write, parse_model, sha256_bytes
-from .formats import Annotation, Category, Dataset, ImageRecord, write_coco
+from ..core import ConfigError, DataError, RetailCVError, StrictModel, atomic_write, parse_model, sha256_bytes
+from .formats import Annotation, Category, Dataset, ImageRecord, relabel, write_coco
 
 # %% auto #0
-__all__ = ['Range', 'PACKAGINGS', 'GRAPHICS', 'SynthConfig', 'synth_config', 'ean13_check_digit', 'price_ean13',
+__all__ = ['Range', 'PACKAGINGS', 'GRAPHICS', 'SHELF_KINDS', 'SynthConfig', 'synth_config', 'ean13_check_digit', 'price_ean13',
            'parse_price_ean13', 'SKU', 'make_catalogue', 'render_sku', 'render_tag', 'SceneObject', 'ShelfScene',
-           'ShelfRenderer', 'encode_jpeg', 'draw_scene', 'SynthSummary', 'generate_shelves']
+           'ShelfRenderer', 'encode_jpeg', 'draw_scene', 'SynthSummary', 'generate_shelves', 'shelf_kinds']
 
 # %% ../../nbs/12_synth.ipynb #fde66796
 _log = logging.getLogger(__name__)
@@ -730,3 +730,17 @@ def generate_shelves(out_dir: str | os.PathLike,  # folder to write (created; mu
     _log.info("wrote %d synthetic shelf images (%d annotations) to %s at %.1f img/s",
              summary.images, summary.annotations, out, summary.images_per_s)
     return summary
+
+# %% ../../nbs/12_synth.ipynb #09783d89
+SHELF_KINDS = ('product', 'gap', 'price_tag')  # the shelf detector's classes, in this order
+
+def shelf_kinds(ds: Dataset,  # a synthetic shelf dataset (SKU categories, then 'gap' and 'price_tag')
+               ) -> Dataset:
+    "The dataset with every SKU category merged into 'product': the classes a shelf detector finds."
+    names = {c.name for c in ds.categories}
+    if not {'gap', 'price_tag'} <= names:
+        raise DataError(f"{ds.root}: not a synthetic shelf dataset (no 'gap' and 'price_tag' categories)")
+    out = relabel(ds, lambda n: n if n in SHELF_KINDS else 'product')
+    if tuple(c.name for c in out.categories) != SHELF_KINDS:  # SKUs first, then gap and price_tag, as generate_shelves writes
+        raise DataError(f"{ds.root}: categories are not SKUs followed by 'gap' and 'price_tag'")
+    return out
