@@ -13,6 +13,7 @@ import contextlib
 import datetime as _dt
 import gzip
 import hashlib
+import html
 import io
 import json
 import logging
@@ -43,11 +44,11 @@ _log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['SIGNING_KEY_ENV', 'TRUSTED_KEYS_ENV', 'BUNDLE_FORMAT_VERSION', 'MODEL_FILE', 'META_FILE', 'CARD_FILE',
-           'MANIFEST_FILE', 'SIGNATURE_FILE', 'GOLDEN_DIR', 'GOLDEN_EXPECTED', 'Precision', 'public_key_id',
-           'SigningKeyFiles', 'generate_signing_key', 'load_signing_key', 'load_public_keys', 'TensorSpec', 'Contract',
-           'PrecisionMeasurement', 'PrecisionChoice', 'Latency', 'Provenance', 'Golden', 'BundleMeta', 'FileEntry',
-           'Manifest', 'sign_bundle', 'BundleInfo', 'verify_bundle', 'contract_mismatches', 'model_card',
-           'build_bundle']
+           'CARD_HTML_FILE', 'MANIFEST_FILE', 'SIGNATURE_FILE', 'GOLDEN_DIR', 'GOLDEN_EXPECTED', 'Precision',
+           'public_key_id', 'SigningKeyFiles', 'generate_signing_key', 'load_signing_key', 'load_public_keys',
+           'TensorSpec', 'Contract', 'PrecisionMeasurement', 'PrecisionChoice', 'Latency', 'Provenance', 'Golden',
+           'BundleMeta', 'FileEntry', 'Manifest', 'sign_bundle', 'BundleInfo', 'verify_bundle', 'contract_mismatches',
+           'model_card', 'card_html', 'build_bundle']
 
 # %% ../nbs/02_bundle.ipynb #586ec129
 SIGNING_KEY_ENV = 'RETAIL_CV_SIGNING_KEY'  # a PEM private key file, or the PEM text itself
@@ -168,7 +169,7 @@ def load_public_keys(sources: Any = None,  # key(s), PEM text, .pub file(s) or f
 
 # %% ../nbs/02_bundle.ipynb #5377b07e
 BUNDLE_FORMAT_VERSION = 1  # the newest bundle format this code reads and writes
-MODEL_FILE, META_FILE, CARD_FILE = 'model.onnx', 'bundle.json', 'model_card.md'
+MODEL_FILE, META_FILE, CARD_FILE, CARD_HTML_FILE = 'model.onnx', 'bundle.json', 'model_card.md', 'model_card.html'
 MANIFEST_FILE, SIGNATURE_FILE = 'MANIFEST.json', 'signature.sig'
 GOLDEN_DIR, GOLDEN_EXPECTED = 'golden', 'golden/expected.npz'
 Precision = Literal['fp32', 'fp16', 'int8']
@@ -601,6 +602,17 @@ def model_card(meta: BundleMeta,  # the bundle's metadata
     if notes.strip(): lines += ['', '## Notes', '', notes.strip()]
     return '\n'.join(lines) + '\n'
 
+def card_html(title: str,  # page title
+              markdown: str,  # the card in Markdown
+             ) -> str:
+    "A model card as a self-contained HTML page (raw HTML in the Markdown is escaped, not rendered)."
+    from markdown_it import MarkdownIt
+    body = MarkdownIt('commonmark', {'html': False}).enable('table').render(markdown)
+    style = ("body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .6rem}pre{background:#f6f8fa;padding:.6rem}")
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head>\n<body>\n{body}</body></html>\n")
+
 # %% ../nbs/02_bundle.ipynb #bd8405d0
 def _write_tar(src: Path, out: Path) -> None:
     "Pack `src`'s files into `out` (.tar, .tar.gz or .tgz) with sorted names, zero times and neutral owners."
@@ -684,7 +696,8 @@ def build_bundle(out: str | os.PathLike,  # bundle folder, or archive ending .ta
     try:
         atomic_write(staging/MODEL_FILE, data)
         atomic_write(staging/META_FILE, json.dumps(meta.model_dump(mode='json'), indent=2) + '\n')
-        atomic_write(staging/CARD_FILE, model_card(meta, card_notes))
+        card = model_card(meta, card_notes)
+        atomic_write(staging/CARD_FILE, card); atomic_write(staging/CARD_HTML_FILE, card_html(f"{meta.name} {meta.version}", card))
         for fname, (content, _) in zip(golden_names, golden): atomic_write(staging/fname, content)
         atomic_write(staging/GOLDEN_EXPECTED, _npz_bytes(expected))
         os.chmod(staging, 0o755)  # mkdtemp made it private

@@ -366,10 +366,11 @@ def demo(ctx: typer.Context,
     console.print(f"retail_cv demo in workspace {ws.root}", highlight=False)
     def show(s):
         if s.running: console.print(f"  [dim]… {s.step}[/]", highlight=False)
-        else: console.print(f"  [green]✓[/] {s.step:<32} {s.seconds:6.1f} s  {'[dim](cached)[/] ' if s.reused else ''}{s.result}", highlight=False)
+        elif s.failed: console.print(f"  [red]✗[/] {s.step:<32} {s.seconds:6.1f} s  ", Text(s.result), highlight=False)
+        else: console.print(f"  [green]✓[/] {s.step:<32} {s.seconds:6.1f} s  {'[dim](cached)[/] ' if s.reused else ''}", Text(s.result), highlight=False)
     res = run_demo(ws, cfg, on_step=show, force=force)
     table = Table('step', '', 'time', 'result', title='retail_cv demo')
-    for s in res.steps: table.add_row(s.step, 'cached' if s.reused else 'ran', f"{s.seconds:.1f} s", s.result)
+    for s in res.steps: table.add_row(s.step, 'cached' if s.reused else 'ran', f"{s.seconds:.1f} s", Text(s.result))
     console.print(table)
     console.print(f"report: {res.report}", highlight=False)
 

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from fastcore.basics import patch
 
 import retail_cv
+from .bundle import card_html
 from .core import (ConfigError, DataError, IntegrityError, RetailCVError, Workspace, atomic_write, sha256_bytes,
                             sha256_file)
 
@@ -881,14 +882,6 @@ def _card_markdown(mv: ModelVersion, lin: Lineage, intended_use: str, limitation
 
 _CARD_TAGS = ('intended_use', 'limitations', 'data_license', 'license')
 
-def _card_html(title: str, markdown: str) -> str:
-    from markdown_it import MarkdownIt
-    body = MarkdownIt('commonmark', {'html': False}).enable('table').render(markdown)
-    style = ("body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2rem .6rem}pre{background:#f6f8fa;padding:.6rem}")
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head>\n<body>\n{body}</body></html>\n")
-
 @patch
 def model_card(self: Registry,
                name: str,  # model name
@@ -907,7 +900,7 @@ def model_card(self: Registry,
                         limitations or t.get('limitations') or "Not stated: set the version's `limitations` tag.",
                         data_license or t.get('data_license') or 'not recorded',
                         license or t.get('license') or _code_license())
-    page = _card_html(f"{mv.name} v{mv.version}", md)
+    page = card_html(f"{mv.name} v{mv.version}", md)
     if write:
         folder = self.root/'cards'/mv.name
         atomic_write(folder/f'v{mv.version}.md', md); atomic_write(folder/f'v{mv.version}.html', page)

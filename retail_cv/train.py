@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import lightning.pytorch as L
 import numpy as np
@@ -39,7 +39,7 @@ from .core import (ConfigError, IntegrityError, RetailCVError, StrictModel, Work
                             atomic_write, load_settings, parse_model, seed_everything)
 from .data.pipeline import ClassificationDataModule, DetectionDataModule, PipelineConfig
 from .data.store import DatasetStore, DatasetVersion
-from .models import DEFAULT_ARCH, ModelSpec, build_model, load_weights, wrap
+from .models import DEFAULT_ARCH, ModelSpec, build_model, load_weights, recalibrate_batchnorm, wrap
 
 _log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class TrainConfig(StrictModel):
     optimizer: Literal['adamw', 'sgd'] = Field('adamw', description="adamw | sgd (with Nesterov momentum)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     scheduler: Literal['onecycle', 'cosine', 'none'] = Field('cosine', description="learning-rate schedule, stepped per batch")
+    schedule_clock: Literal['steps', 'time'] = Field('steps', description="what the schedule runs on: planned steps, or the share of `max_minutes` used (ends with the budget on any machine; not bit-reproducible)")
     warmup_fraction: float = Field(0.0, ge=0, lt=1, description="share of the steps warming up linearly (onecycle: its rising phase, 0.3 when 0)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing (classification)")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency of the train split (classification)")
@@ -86,6 +87,7 @@ class TrainConfig(StrictModel):
     wandb_entity: str | None = Field(None, description="None: from the process settings")
     log_every_n_steps: int = Field(10, ge=1, description="how often step metrics are logged")
     sample_predictions: int = Field(8, ge=0, le=64, description="validation images logged to W&B with predicted and true labels")
+    bn_recalibration: int = Field(256, ge=0, description="training images (not augmented) that re-estimate BatchNorm statistics before each validation; 0 = off")
     progress_bar: bool = Field(False, description="show Lightning's progress bar")
     pipeline: dict[str, Any] = Field(default_factory=dict, description="further PipelineConfig options (augmentation, val_fraction, ...)")
 
@@ -118,6 +120,8 @@ class TrainConfig(StrictModel):
     def _check(self) -> TrainConfig:
         if self.task == 'detection' and (self.class_weights or self.label_smoothing):
             raise ValueError("class_weights and label_smoothing apply to classification only")
+        if self.schedule_clock == 'time' and not self.max_minutes:
+            raise ValueError("schedule_clock='time' needs max_minutes: the schedule runs on the share of that budget used")
         return self
 
 # %% ../nbs/20_train.ipynb #5fd98ae6
@@ -154,6 +158,26 @@ def _read_checkpoint(path: Path, map_location: Any = 'cpu') -> dict[str, Any]:
     return ckpt
 
 # %% ../nbs/20_train.ipynb #d931f0b1
+def _schedule_factor(scheduler: str,  # 'onecycle' or 'cosine'
+                     progress: float,  # share of the budget used, 0..1
+                     warmup: float,  # warm-up share (onecycle: its rising phase, 0.3 when 0)
+                    ) -> float:
+    "The learning-rate multiplier of `scheduler` at `progress`: one-cycle from lr/25 to lr and down, or warm-up then cosine."
+    p = min(max(progress, 0.0), 1.0)
+    rise = (warmup or 0.3) if scheduler == 'onecycle' else warmup
+    start, end = (1 / 25, 1 / 25e4) if scheduler == 'onecycle' else (0.01, 0.0)
+    if p < rise: return start + (1 - start) * (1 - math.cos(math.pi * p / rise)) / 2 if scheduler == 'onecycle' else start + (1 - start) * p / rise
+    return end + (1 - end) * (1 + math.cos(math.pi * (p - rise) / (1 - rise))) / 2
+
+def _time_schedule(module: L.LightningModule, config: TrainConfig) -> Callable[[int], float]:
+    "LambdaLR multiplier driven by the share of `max_minutes` the trainer's `Timer` has seen."
+    budget_s = config.max_minutes * 60
+    def factor(_step: int) -> float:  # a closure, not an object: LambdaLR would pickle an object into the checkpoint
+        t = module._trainer and next((c for c in module.trainer.callbacks if isinstance(c, Timer)), None)
+        return _schedule_factor(config.scheduler, t.time_elapsed('train') / budget_s if t else 0.0, config.warmup_fraction)
+    return factor
+
+# %% ../nbs/20_train.ipynb #88ec86f8
 class _TaskModule(L.LightningModule):
     "What the classification and detection modules share: spec, config, optimiser, schedule and epoch loss."
     task = ''
@@ -205,9 +229,12 @@ class _TaskModule(L.LightningModule):
                   {'params': [p for p in params if p.ndim <= 1], 'weight_decay': 0.0}]
         opt = (torch.optim.AdamW(groups, lr=c.lr) if c.optimizer == 'adamw'
                else torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0))
+        S = torch.optim.lr_scheduler
+        if c.schedule_clock == 'time' and c.scheduler != 'none':
+            sched = S.LambdaLR(opt, _time_schedule(self, c))
+            return {'optimizer': opt, 'lr_scheduler': {'scheduler': sched, 'interval': 'step'}}
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warm = min(int(round(c.warmup_fraction * total)), total - 1)
-        S = torch.optim.lr_scheduler
         if c.scheduler == 'onecycle':
             sched = S.OneCycleLR(opt, max_lr=c.lr, total_steps=total, pct_start=c.warmup_fraction or 0.3)
         elif c.scheduler == 'cosine':
@@ -510,6 +537,26 @@ class _RNGState(Callback):
         if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state['cuda'])
 
+# %% ../nbs/20_train.ipynb #e7cee5a3
+class _PreciseBN(Callback):
+    "Before each validation in `fit`, replace BatchNorm running statistics by those of training images."
+    def __init__(self, dm: _DataModule, images: int):
+        self.dm, self.images = dm, images
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.images or trainer.sanity_checking or trainer.state.fn != 'fit': return
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()): return
+        dm, chunks = self.dm, []
+        ds = dm._items(dm.splits['train'][:self.images], dm.eval_transforms)
+        for batch in dm._loader(ds, False):
+            x = dm.augment_batch(batch, False)[0]
+            chunks.append(torch.stack(list(x)) if not torch.is_tensor(x) else x)
+        if not chunks: return
+        images = torch.cat(chunks).to(pl_module.device)
+        was = pl_module.training
+        with torch.no_grad(): recalibrate_batchnorm(pl_module.model, images, batch_size=max(2, dm.config.batch_size))
+        pl_module.train(was)
+
 # %% ../nbs/20_train.ipynb #3b77cb6d
 class _LastCheckpoint(Checkpoint):
     "last.ckpt after every validation, every n steps inside an epoch, and at the end of training."
@@ -778,7 +825,7 @@ def fit(config: TrainConfig | Mapping[str, Any],  # the run's hyper-parameters
 
     # --- trainer ---
     history = _History()
-    cbs: list[Callback] = [_FiniteLoss(), history, _RNGState(), *callbacks,
+    cbs: list[Callback] = [_FiniteLoss(), history, _RNGState(), _PreciseBN(dm, config.bn_recalibration), *callbacks,
                            ModelCheckpoint(dirpath=ckpt_dir, filename='best', monitor=monitor, mode=mode_, save_top_k=1,
                                            enable_version_counter=False, auto_insert_metric_name=False),
                            _LastCheckpoint(ckpt_dir/'last.ckpt', config.checkpoint_every_n_steps)]

@@ -21,7 +21,7 @@ from retail_cv.models import tiny_classifier, to_onnx
 LABELS = ['cola', 'water', 'juice']
 # every file a bundle built by `good` holds (golden inputs: a JPEG file, PNG bytes, an array stored as PNG)
 FILES = ['MANIFEST.json', 'bundle.json', 'golden/000.jpg', 'golden/001.png', 'golden/002.png', 'golden/expected.npz',
-         'model.onnx', 'model_card.md', 'signature.sig']
+         'model.onnx', 'model_card.html', 'model_card.md', 'signature.sig']
 
 
 @pytest.fixture(scope='session')
