@@ -547,7 +547,9 @@ class _PreciseBN(Callback):
         if not self.images or trainer.sanity_checking or trainer.state.fn != 'fit': return
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules()): return
         dm, chunks = self.dm, []
-        ds = dm._items(dm.splits['train'][:self.images], dm.eval_transforms)
+        train = np.asarray(dm.splits['train'])
+        pick = train[np.unique(np.linspace(0, len(train) - 1, min(self.images, len(train))).round().astype(int))]  # spread: lists are often sorted by class
+        ds = dm._items(pick, dm.eval_transforms)
         for batch in dm._loader(ds, False):
             x = dm.augment_batch(batch, False)[0]
             chunks.append(torch.stack(list(x)) if not torch.is_tensor(x) else x)
