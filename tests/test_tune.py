@@ -212,7 +212,7 @@ def test_median_pruner_stops_a_diverging_trial(tmp_path):
     assert [(t['state'], t['epochs'], t['params']['lr']) for t in r.trials] == \
         [('COMPLETE', 3, 0.01), ('COMPLETE', 3, 0.003), ('PRUNED', 1, 1.0)]
     assert r.direction == 'minimize' and r.best['number'] in (0, 1) and r.trials[2]['checkpoint'] is None
-    assert r.trials[2]['value'] > 5 * max(t['value'] for t in r.trials[:2])  # the pruned trial's last reported loss
+    assert r.trials[2]['value'] > max(t['value'] for t in r.trials[:2])  # the pruned trial's last reported loss is the worst
 
 
 def test_diverging_trial_is_pruned_with_its_reason(tmp_path):
