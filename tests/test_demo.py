@@ -35,7 +35,8 @@ def test_demo_runs_every_step(demo_runs):
         assert f'✓ {step} ' in first.stdout, step
     assert 'shelf-detector:1 champion' in first.stdout and 'product-classifier:1 champion' in first.stdout
     assert len(list((ws/'bundles').rglob('MANIFEST.json'))) + len(list((ws/'bundles').rglob('*.tar*'))) >= 4
-    pipe = json.loads(next((ws/'runs').glob('pipeline-demo-*/pipeline.json')).read_text())
+    first_pipe = sorted((ws/'runs').glob('pipeline-demo-*/pipeline.json'))[0]  # ids start with the UTC time; glob order is arbitrary
+    pipe = json.loads(first_pipe.read_text())
     assert pipe['status'] == 'completed' and {s['status'] for s in pipe['steps']} == {'ran'}
 
 
