@@ -486,7 +486,7 @@ def _compose(self: ShelfRenderer, rng: np.random.Generator):
             while k < f:  # one gap box per stretch of missing facings
                 if present[k]: k += 1; continue
                 k1 = next((q for q in range(k, f) if present[q]), f)
-                objects.append(SceneObject('gap', s.sku, (x + k * (pw + spacing), board_y - ph, (k1 - k) * (pw + spacing) - spacing, ph),
+                objects.append(SceneObject('gap', s.sku, (x + k * (pw + spacing), y_top, (k1 - k) * (pw + spacing) - spacing, board_y - y_top),
                                            {'shelf': i, 'slot': j, 'facings': k1 - k}))
                 k = k1
             tw, th = tag_sizes[sym]
