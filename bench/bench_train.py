@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,33 +73,25 @@ def throughput(rounds=3, n_batches=15, batch=32, size=128, classes=43):
             'ratio_lightning_over_plain': round(med['lightning'] / med['plain'], 3), 'target_ratio': 0.97}
 
 
-def accuracy(minutes=10.0, size=112, seed=0, weight_decay=0.05, min_scale=0.3, val_every=1):
-    from retail_cv.data.pipeline import ClassificationDataModule
+def accuracy(minutes=10.0, size=112, seed=0, weight_decay=0.05, min_scale=0.3, val_every=1, cache_scale=1.0, mixup=0.0, cutmix=0.0):
     from retail_cv.data.store import DatasetStore
     if not (GROCERY/'classes.csv').exists(): raise SystemExit(f"{GROCERY} not found: the accuracy benchmark needs ../shared")
     ws = Workspace.open(tempfile.mkdtemp(prefix='bench-train-'))
     version = DatasetStore(ws).ingest(GROCERY, 'grocery', progress=False)
-    spec = ModelSpec(arch='mobilenet_v3_small', num_classes=2, image_size=size)
-    # random crops of the cached images: the augmentation a from-scratch model on 2.6k photos needs most
-    train_tf = v2.Compose([v2.RandomResizedCrop(size, scale=(min_scale, 1.0), antialias=True)])
-    def datamodule(batch_size):
-        return ClassificationDataModule.from_version(version, {'image_size': size, 'batch_size': batch_size, 'seed': seed, 'progress': False,
-                                                               'normalize': True, 'mean': spec.mean, 'std': spec.std,
-                                                               'resize': spec.preprocessing['resize']},
-                                                     cache_dir=ws/'cache', train_transforms=train_tf)
+    # random crops, cut from a cache `cache_scale` times the input size: the augmentation a from-scratch model on 2.6k photos needs most
     base = dict(arch='mobilenet_v3_small', image_size=size, batch_size=64, lr=4e-3, weight_decay=weight_decay, optimizer='adamw',
                 scheduler='onecycle', label_smoothing=0.1, seed=seed, wandb_mode='disabled', sample_predictions=0,
-                val_every_n_epochs=val_every)
+                val_every_n_epochs=val_every, mixup_alpha=mixup, cutmix_alpha=cutmix, pipeline={'crop_scale': (min_scale, 1.0), 'cache_scale': cache_scale})
     # the schedule runs on the clock: one-cycle ends exactly when the budget does, however fast this machine is
     t0 = time.perf_counter()
-    res = fit({**base, 'epochs': 1000, 'max_minutes': minutes, 'schedule_clock': 'time'}, datamodule(64), ws, run_name='grocery-budget')
+    res = fit({**base, 'epochs': 1000, 'max_minutes': minutes, 'schedule_clock': 'time'}, version, ws, run_name='grocery-budget')
     return {'dataset': 'Grocery Store Dataset (train/val lists in ../shared/data/grocery)', 'dataset_version': version.ref,
             'train_images': sum(1 for i in version.dataset.images if i.split == 'train'),
             'val_images': sum(1 for i in version.dataset.images if i.split == 'val'),
             'classes': len(version.dataset.categories), 'budget_minutes': minutes, 'epochs_done': len(res.history),
             'training_seconds': round(time.perf_counter() - t0, 1),
             'stopped_by': res.stopped_by, 'val_top1': res.metrics.get('val/acc'), 'best_val_top1': res.best_score,
-            'val_top5': res.metrics.get('val/acc_top5'), 'history': res.history, 'recipe': base | {'schedule_clock': 'time', 'augment': f'RandomResizedCrop({min_scale}-1) + flip + colour jitter (batch)'},
+            'val_top5': res.metrics.get('val/acc_top5'), 'history': res.history, 'recipe': base | {'schedule_clock': 'time', 'augment': f'RandomResizedCrop({min_scale}-1) from a {cache_scale}x cache + flip + colour jitter (batch)'},
             'target_top1': 0.50, 'baseline_plain_loop_top1': 0.42,
             'loadavg_after': os.getloadavg(), 'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
 
@@ -112,6 +103,9 @@ if __name__ == '__main__':
     ap.add_argument('--weight-decay', type=float, default=0.05)
     ap.add_argument('--min-scale', type=float, default=0.3, help='smallest RandomResizedCrop area fraction')
     ap.add_argument('--val-every', type=int, default=1, help='validate every n epochs (and at the end)')
+    ap.add_argument('--cache-scale', type=float, default=1.0, help='cache images this many times the training size (crops keep detail)')
+    ap.add_argument('--mixup', type=float, default=0.0, help='MixUp alpha (0 = off)')
+    ap.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0 = off)')
     ap.add_argument('--skip-accuracy', action='store_true')
     ap.add_argument('--skip-throughput', action='store_true')
     a = ap.parse_args()
@@ -125,7 +119,7 @@ if __name__ == '__main__':
     if not a.skip_accuracy:
         if 'accuracy' in result:  # keep every earlier recipe's outcome (without its history) for comparison
             result.setdefault('accuracy_earlier_runs', []).append({k: v for k, v in result['accuracy'].items() if k != 'history'})
-        result['accuracy'] = accuracy(a.minutes, a.size, weight_decay=a.weight_decay, min_scale=a.min_scale, val_every=a.val_every)
+        result['accuracy'] = accuracy(a.minutes, a.size, weight_decay=a.weight_decay, min_scale=a.min_scale, val_every=a.val_every, cache_scale=a.cache_scale, mixup=a.mixup, cutmix=a.cutmix)
         print(json.dumps({k: v for k, v in result['accuracy'].items() if k != 'history'}, indent=1))
     result['machine']['loadavg_end'] = os.getloadavg()
     out.parent.mkdir(exist_ok=True)

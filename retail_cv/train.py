@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
 
 from .core import (ConfigError, IntegrityError, RetailCVError, StrictModel, Workspace, atomic_open,
                             atomic_write, load_settings, parse_model, seed_everything)
@@ -67,6 +68,8 @@ class TrainConfig(StrictModel):
     schedule_clock: Literal['steps', 'time'] = Field('steps', description="what the schedule runs on: planned steps, or the share of `max_minutes` used (ends with the budget on any machine; not bit-reproducible)")
     warmup_fraction: float = Field(0.0, ge=0, lt=1, description="share of the steps warming up linearly (onecycle: its rising phase, 0.3 when 0)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing (classification)")
+    mixup_alpha: float = Field(0.0, ge=0, description="MixUp of training batches, Beta(a, a) weights (classification); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, description="CutMix of training batches, Beta(a, a) areas (classification); 0 = off; with MixUp on too, each batch gets one of them")
     class_weights: bool = Field(False, description="weight the loss by inverse class frequency of the train split (classification)")
     grad_clip: float | None = Field(None, gt=0, allow_inf_nan=False, description="clip the gradient norm to this value")
     precision: Literal['auto', '32-true', 'bf16-mixed', '16-mixed', '64-true'] = Field('auto', description="auto: bf16-mixed on a CUDA GPU that supports it, else 32-true")
@@ -280,6 +283,10 @@ class ClassificationModule(_TaskModule):
                              persistent=False)
         self.val_acc = MulticlassAccuracy(n, top_k=1, average='micro')
         self.val_acc5 = MulticlassAccuracy(n, top_k=5, average='micro') if n > 5 else None
+        c = self.config
+        mixers = ([v2.MixUp(alpha=c.mixup_alpha, num_classes=n)] if c.mixup_alpha else []) + \
+                 ([v2.CutMix(alpha=c.cutmix_alpha, num_classes=n)] if c.cutmix_alpha else [])
+        self.mix = None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor: return self.model(images)
 
@@ -288,9 +295,11 @@ class ClassificationModule(_TaskModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        target = y
+        if self.mix is not None: x, target = self.mix(x, y)  # mixed images, soft targets (draws from torch's seeded RNG)
         logits = self.model(self._layout(x))
         w = None if self.class_weight is None else self.class_weight.to(logits.dtype)
-        loss = F.cross_entropy(logits, y, weight=w, label_smoothing=self.config.label_smoothing)
+        loss = F.cross_entropy(logits, target, weight=w, label_smoothing=self.config.label_smoothing)
         self._add_loss(loss)
         self.log('train/loss_step', loss, prog_bar=True, batch_size=len(y))
         return loss
@@ -339,6 +348,7 @@ class DetectionModule(_TaskModule):
                  class_weights: Sequence[float] | None = None):
         super().__init__(spec, train, class_names, None)
         if class_weights is not None: raise ConfigError("class weights apply to classification only")
+        if self.config.mixup_alpha or self.config.cutmix_alpha: raise ConfigError("mixup_alpha and cutmix_alpha apply to classification only")
         self.val_map = _map_metric()
 
     def forward(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]: return self.model(list(images))
@@ -585,8 +595,9 @@ class _ValidationSchedule(Callback):
         if self._last is not None: step = now - self._last
         self._last = now
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        left = timer.time_remaining() if timer is not None else None
-        if left is not None and step is not None and left < 3 * step: trainer.check_val_every_n_epoch = 1
+        if timer is None or timer.time_remaining() is None: return
+        near = step is not None and timer.time_remaining() < 3 * step
+        if trainer.strategy.broadcast(near, src=0): trainer.check_val_every_n_epoch = 1  # rank 0 decides, as the Timer does
 
 # %% ../nbs/20_train.ipynb #3b77cb6d
 class _LastCheckpoint(Checkpoint):

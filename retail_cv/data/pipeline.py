@@ -71,6 +71,8 @@ class PipelineConfig(StrictModel):
     brightness: float = Field(0.2, ge=0, lt=1, description="brightness factor drawn from [1-b, 1+b]")
     contrast: float = Field(0.2, ge=0, lt=1, description="contrast factor drawn from [1-c, 1+c]")
     saturation: float = Field(0.2, ge=0, lt=1, description="saturation factor drawn from [1-s, 1+s]")
+    crop_scale: tuple[float, float] | None = Field(None, description="classification training: random crops covering this share range of the image area, resized to image_size; None: whole images")
+    cache_scale: float = Field(1.0, ge=1, le=4, description="classification: cache images this many times larger than image_size, so random crops keep their detail; evaluation resizes to image_size")
     normalize: bool | None = Field(None, description="subtract mean / divide by std; None: True for classification, False for detection")
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="per-channel mean of [0, 1] pixels")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="per-channel std of [0, 1] pixels")
@@ -88,12 +90,19 @@ class PipelineConfig(StrictModel):
     @model_validator(mode='after')
     def _fractions(self):
         if self.val_fraction + self.test_fraction >= 1: raise ValueError('val_fraction + test_fraction must leave images for training')
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f'crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}')
         return self
 
     @property
     def size_hw(self) -> tuple[int, int]:
         "Training resolution as (height, width)."
         return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+    @property
+    def cache_hw(self) -> tuple[int, int]:
+        "Resolution of the decoded cache as (height, width): `size_hw` times `cache_scale`."
+        return tuple(int(round(side * self.cache_scale)) for side in self.size_hw)
 
 # %% ../../nbs/15_pipeline.ipynb #7f79aa2a
 @dataclass(frozen=True)
@@ -582,6 +591,11 @@ class BatchAugment(torch.nn.Module):
         return out, [self.flip_boxes(b, images[i].shape[-1]) if flips[i] else b for i, b in enumerate(boxes)]
 
 # %% ../../nbs/15_pipeline.ipynb #9839a520
+def _chain(*transforms: Callable | None) -> Callable | None:
+    "The given transforms one after the other, skipping None; None when there are none."
+    ts = [t for t in transforms if t is not None]
+    return None if not ts else ts[0] if len(ts) == 1 else v2.Compose(ts)
+
 class _ImageDataModule(L.LightningDataModule):
     "Shared machinery of the classification and detection DataModules."
     task: str = ''
@@ -606,7 +620,14 @@ class _ImageDataModule(L.LightningDataModule):
         if not dataset.images: raise DataError(f"dataset {dataset.root} has no images")
         self.dataset, self.read_bytes, self.cache_dir = dataset, read_bytes, cache_dir
         self._cache_key = cache_key
-        self.train_transforms, self.eval_transforms = train_transforms, eval_transforms
+        c = self.config
+        if self.task != 'classification' and (c.crop_scale is not None or c.cache_scale != 1):
+            raise ConfigError(f"crop_scale and cache_scale apply to classification; {self.task} crops must move the boxes too (pass train_transforms)")
+        # sizing first: random crops cut from the (larger) cache, or a resize of it to the training resolution
+        crop = v2.RandomResizedCrop(c.size_hw, scale=c.crop_scale, antialias=True) if c.crop_scale is not None else None
+        fit_size = v2.Resize(c.size_hw, antialias=True) if c.cache_hw != c.size_hw else None
+        self.train_transforms = _chain(crop or fit_size, train_transforms)
+        self.eval_transforms = _chain(fit_size, eval_transforms)
         self.resize_mode: ResizeMode = self.config.resize or self.default_resize
         self.labels = LabelMap.from_categories(dataset.categories, background=self.task == 'detection')
         self._prepare_targets()
@@ -654,8 +675,8 @@ class _ImageDataModule(L.LightningDataModule):
     def image_source(self) -> DecodedImageCache | ImageDecoder:
         "The decoded cache (built if missing), or a per-item decoder when `cache=False`."
         c, files = self.config, [im.file_name for im in self.dataset.images]
-        if not c.cache: return ImageDecoder(files, self._reader(), c.size_hw, self.resize_mode, c.pad_value)
-        return DecodedImageCache.ensure(self._cache_folder(), self.cache_key, files, self._reader(), c.size_hw, self.resize_mode,
+        if not c.cache: return ImageDecoder(files, self._reader(), c.cache_hw, self.resize_mode, c.pad_value)
+        return DecodedImageCache.ensure(self._cache_folder(), self.cache_key, files, self._reader(), c.cache_hw, self.resize_mode,
                                         c.pad_value, [(im.width, im.height) for im in self.dataset.images], c.decode_threads, c.progress)
 
     def prepare_data(self) -> None:
