@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 import retail_cv
-from .core import ConfigError, RetailCVError, Settings, Workspace, load_settings, parse_model
+from .core import ConfigError, RetailCVError, Settings, Workspace, load_settings, parse_model, read_yaml
 
 # %% auto #0
 __all__ = ['console', 'err_console', 'app', 'docs_app', 'REQUIRED', 'models_app', 'keys_app', 'bundle_app', 'profiles_app',
@@ -450,9 +450,8 @@ def data_synth(out: Path = typer.Option(..., '--out', help="Folder to write (emp
                workers: int = typer.Option(1, help="Rendering processes (output does not depend on it)"),
                overwrite: bool = typer.Option(False, help="Replace the files of a previous run in --out")):
     "Render a seeded synthetic shelf dataset: images, COCO boxes, planogram, price table."
-    import yaml
     from retail_cv.data.synth import generate_shelves
-    options = yaml.safe_load(config.read_text()) if config else None
+    options = read_yaml(config, 'synthetic shelf config') if config else None
     bar, update = _progress('rendering shelves')
     with bar:
         s = generate_shelves(out, options, workers=workers, overwrite=overwrite, progress=update, images=images, seed=seed,
@@ -932,16 +931,6 @@ def token_revoke(ctx: typer.Context, token_id: str = typer.Argument(..., help="T
 k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes manifests that run job notebooks.")
 app.add_typer(k8s_app, name='k8s')
 
-def _assignments(items: list[str], option: str) -> dict[str, str]:
-    "NAME=VALUE options as a dict."
-    from retail_cv.core import ConfigError
-    out = {}
-    for item in items:
-        key, sep, value = item.partition('=')
-        if not sep or not key.strip(): raise ConfigError(f"{option} {item!r} must be written NAME=VALUE")
-        out[key.strip()] = value
-    return out
-
 @k8s_app.command('render')
 def k8s_render(job: str = typer.Argument(..., help="Job name (see `retail-cv jobs list`) or path to a job notebook"),
                param: list[str] = typer.Option([], '--param', '-p', help="Job parameter key=value (repeatable), checked against the notebook"),
@@ -971,7 +960,7 @@ def k8s_render(job: str = typer.Argument(..., help="Job name (see `retail-cv job
     given = {'image': image or os.environ.get('RETAIL_CV_IMAGE') or None, 'cpu': cpu, 'memory': memory, 'gpus': gpus,
              'gpu_resource': gpu_resource, 'gpu_fraction': gpu_fraction, 'workspace_pvc': pvc, 'namespace': namespace,
              'workers': workers, 'scheduler': scheduler, 'queue': queue, 'wandb_mode': wandb_mode,
-             'env': _assignments(env, '--env') or None, 'secret_env': _assignments(secret_env, '--secret-env') or None}
+             'env': _pairs(env, '--env') or None, 'secret_env': _pairs(secret_env, '--secret-env') or None}
     cfg = {k: v for k, v in given.items() if v is not None}
     if 'image' not in cfg: raise ConfigError("no container image: pass --image or set $RETAIL_CV_IMAGE")
     params = parse_params(param, params_file)

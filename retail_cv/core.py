@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # %% auto #0
 __all__ = ['RetailCVError', 'ConfigError', 'WorkspaceError', 'DataError', 'IntegrityError', 'DependencyError', 'atomic_open',
-           'atomic_write', 'sha256_bytes', 'sha256_file', 'seed_everything', 'StrictModel', 'parse_model', 'Settings',
-           'load_settings', 'Workspace']
+           'atomic_write', 'sha256_bytes', 'sha256_file', 'seed_everything', 'StrictModel', 'parse_model', 'read_yaml',
+           'Settings', 'load_settings', 'Workspace']
 
 # %% ../nbs/00_core.ipynb #5d448ea7
 class RetailCVError(Exception):
@@ -146,6 +146,20 @@ def parse_model(model: type[_M],  # the StrictModel subclass to build
         lines = [_describe(err, sources or {}) for err in e.errors()]
         raise ConfigError(f"invalid {model.__name__}: " + '; '.join(lines)) from None
 
+# %% ../nbs/00_core.ipynb #a9905d13
+def read_yaml(path: str | os.PathLike,  # a YAML (or JSON) file
+              what: str,  # what the file is for, as the error message says it: 'pipeline', 'search space', ...
+             ) -> dict[str, Any]:
+    "The mapping a YAML file holds ({} for an empty file); `ConfigError` when it is missing, unreadable or not a mapping."
+    path = Path(path)
+    try: data = yaml.safe_load(path.read_text(encoding='utf-8'))
+    except FileNotFoundError: raise ConfigError(f"{what} file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e: raise ConfigError(f"{what} file {path} cannot be read: {e}") from None
+    except yaml.YAMLError as e: raise ConfigError(f"{what} file {path} is not valid YAML: {e}") from None
+    if data is None: return {}
+    if not isinstance(data, dict): raise ConfigError(f"{what} file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    return data
+
 # %% ../nbs/00_core.ipynb #5679d9ac
 class Settings(StrictModel):
     "Process-wide settings; the single source of their defaults."
@@ -169,12 +183,8 @@ def load_settings(config_file: str | os.PathLike | None = None,  # YAML file; de
     sources: dict[str, str] = {}
     config_file = config_file or env.get(_ENV_PREFIX + 'CONFIG')
     if config_file:
-        path = Path(config_file)
-        try: loaded = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError: raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e: raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict): raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
-        data.update(loaded); sources.update({k: f"file {path}" for k in loaded})
+        loaded = read_yaml(config_file, 'config')
+        data.update(loaded); sources.update({k: f"file {config_file}" for k in loaded})
     for key in Settings.model_fields:
         if (val := env.get(_ENV_PREFIX + key.upper())) is not None:
             data[key] = val; sources[key] = f"env {_ENV_PREFIX + key.upper()}"

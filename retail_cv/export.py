@@ -472,7 +472,8 @@ def export(model: Any,  # checkpoint, training module, or Classifier/Detector
     post = postprocessing if isinstance(postprocessing, PostprocessSpec) else parse_model(PostprocessSpec, dict(postprocessing or {}))
     m.postprocessing = post
     name = _slug(name or f"{sp.name}-{spec.arch}")
-    version = _slug(version or (m.run_dir.name if m.run_dir is not None else 'dev'))
+    # default version: the training run's id, less a leading bundle name (run 'shelf-detector-2026...' of model 'shelf-detector')
+    version = _slug(version or (m.run_dir.name.removeprefix(f"{name}-") if m.run_dir is not None else 'dev'))
     folder = Path(out_dir) if out_dir is not None else ws/'bundles'/name/version
     notes = []
     if (want := prof.input_size.get(task)) is not None and want != spec.image_size:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 import retail_cv
-from .core import ConfigError, RetailCVError, Workspace, WorkspaceError, atomic_write, sha256_bytes, sha256_file
+from .core import ConfigError, RetailCVError, Workspace, WorkspaceError, atomic_write, read_yaml, sha256_bytes, sha256_file
 
 # %% auto #0
 __all__ = ['JOBS_ENV', 'RUN_DIR_ENV', 'RECORD_SCHEMA', 'jobs_dir', 'list_jobs', 'find_job', 'JobParameter', 'parse_parameters',
@@ -206,14 +206,7 @@ def parse_params(pairs: Sequence[str] = (),  # 'key=value' strings, as `-p` give
                 ) -> dict[str, Any]:
     "Parameters from a YAML file overlaid with `key=value` pairs (values stay strings; `validate_params` types them)."
     values: dict[str, Any] = {}
-    if file is not None:
-        path = Path(file)
-        try: loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError: raise ConfigError(f"parameters file {path} does not exist") from None
-        except yaml.YAMLError as e: raise ConfigError(f"parameters file {path} is not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"parameters file {path} must hold a mapping of parameter names to values, got {type(loaded).__name__}")
-        values.update(loaded or {})
+    if file is not None: values.update(read_yaml(file, 'parameters'))
     for pair in pairs:
         key, sep, value = pair.partition('=')
         if not sep or not key.strip(): raise ConfigError(f"parameter {pair!r} must be written key=value")

@@ -21,11 +21,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import yaml
 from pydantic import Field
 
 import retail_cv
-from .core import ConfigError, RetailCVError, StrictModel, Workspace, WorkspaceError, atomic_write, parse_model, sha256_bytes
+from .core import ConfigError, RetailCVError, StrictModel, Workspace, WorkspaceError, atomic_write, parse_model, read_yaml, sha256_bytes
 from .jobs import (RunRecord, find_job, hash_artifact, job_parameters, load_run, package_versions, run_job,
                             validate_params)
 
@@ -141,10 +140,7 @@ def load_pipeline(path: str | os.PathLike,  # a pipeline YAML file
                  ) -> Pipeline:
     "Read and check a pipeline file."
     path = Path(path)
-    try: data = yaml.safe_load(path.read_text())
-    except FileNotFoundError: raise ConfigError(f"pipeline file {path} does not exist") from None
-    except yaml.YAMLError as e: raise ConfigError(f"pipeline file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict): raise ConfigError(f"pipeline file {path} must hold a mapping with 'name' and 'steps'")
+    data = read_yaml(path, 'pipeline')
     try: return parse_pipeline(data, path.parent, path)
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
 

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import onnxruntime as ort
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from .core import ConfigError, StrictModel, Workspace, parse_model
+from .core import ConfigError, StrictModel, Workspace, parse_model, read_yaml
 
 _log = logging.getLogger(__name__)
 
@@ -94,11 +93,7 @@ def load_profile_file(path: str | os.PathLike,  # a YAML file holding one profil
                      ) -> DeviceProfile:
     "Read one `DeviceProfile` from YAML; `ConfigError` names the file and the bad keys."
     path = Path(path)
-    try: data = yaml.safe_load(path.read_text())
-    except FileNotFoundError: raise ConfigError(f"profile file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e: raise ConfigError(f"profile file {path} cannot be read: {e}") from None
-    except yaml.YAMLError as e: raise ConfigError(f"profile file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict): raise ConfigError(f"profile file {path} must hold a mapping of keys to values, got {type(data).__name__}")
+    data = read_yaml(path, 'profile')
     data.setdefault('name', path.stem)
     try: return parse_model(DeviceProfile, data)
     except ConfigError as e: raise ConfigError(f"profile file {path}: {e}") from None

@@ -32,7 +32,7 @@ from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import Field, model_validator
 
-from .core import ConfigError, RetailCVError, StrictModel, Workspace, atomic_write, parse_model
+from .core import ConfigError, RetailCVError, StrictModel, Workspace, atomic_write, parse_model, read_yaml
 
 _log = logging.getLogger(__name__)
 
@@ -134,10 +134,7 @@ class SearchSpace(StrictModel):
     def load(cls, path: str | os.PathLike,  # a YAML or JSON file
             ) -> SearchSpace:
         "Read a search space from a YAML (or JSON) file."
-        path = Path(path)
-        try: raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError: raise ConfigError(f"search space file {path} does not exist") from None
-        except yaml.YAMLError as e: raise ConfigError(f"search space file {path} is not valid YAML/JSON: {e}") from None
+        raw = read_yaml(path, 'search space')
         try: return cls.parse(raw)
         except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
 

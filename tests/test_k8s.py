@@ -132,7 +132,7 @@ def test_cli_errors_are_one_line(job):
     for args, msg in [(['add', '-p', 'a=abc', '--image', IMAGE], "parameter 'a' must be int"),
                       (['add', '-p', 'b=1', '--image', IMAGE], "unknown parameter 'b'; allowed: a, note, workspace"),
                       (['add', '--image', IMAGE, '--memory', 'lots'], "'lots' is not a valid Kubernetes quantity"),
-                      (['add', '--image', IMAGE, '--env', 'NOEQUALS'], "--env 'NOEQUALS' must be written NAME=VALUE"),
+                      (['add', '--image', IMAGE, '--env', 'NOEQUALS'], "--env 'NOEQUALS' must be KEY=VALUE"),
                       (['add'], 'no container image: pass --image or set $RETAIL_CV_IMAGE')]:
         r = run_cli('k8s', 'render', *args, env={'RETAIL_CV_JOBS': str(job), 'RETAIL_CV_IMAGE': '', 'COLUMNS': '400'})  # wide: one logical line
         assert r.returncode == 1 and r.stdout == '', (args, r.stdout, r.stderr)
