@@ -199,14 +199,19 @@ def train(ctx: typer.Context,
           weights: Optional[Path] = typer.Option(None, help="Local weights file to start from (loaded with weights_only)"),
           run_name: Optional[str] = typer.Option(None, help="Name of the run"),
           resume: bool = typer.Option(False, help="Continue the newest unfinished run with this config and data"),
+          config: Optional[Path] = typer.Option(None, '--config', help="YAML file of further TrainConfig values (a recipe); options given here win"),
           as_json: bool = typer.Option(False, '--json', help="Print the result as JSON")):
     "Train a classifier or shelf detector; print the checkpoint path and final metrics."
     from retail_cv.train import fit
     _quiet_lightning()
-    cfg = {'task': _task(task), 'epochs': epochs, 'seed': seed, 'max_minutes': max_minutes, 'batch_size': batch_size, 'lr': lr,
-           'weights': weights, 'progress_bar': not as_json}
-    if model: cfg['arch'] = model
-    if image_size: cfg['image_size'] = image_size
+    options = {'epochs': epochs, 'seed': seed, 'max_minutes': max_minutes, 'batch_size': batch_size, 'lr': lr, 'weights': weights,
+               'arch': model, 'image_size': image_size}
+    given = {'arch': 'model'}  # config key -> option name where they differ
+    # typer bundles its own click: compare the parameter source by name
+    explicit = {k: v for k, v in options.items() if getattr(ctx.get_parameter_source(given.get(k, k)), 'name', 'DEFAULT') != 'DEFAULT'}
+    # precedence: the options' defaults, then the recipe file, then options given on the command line
+    cfg = {**options, **(read_yaml(config, 'training config') if config else {}), **explicit,
+           'task': _task(task), 'progress_bar': not as_json}
     res = fit({k: v for k, v in cfg.items() if v is not None}, data, _workspace(ctx), run_name=run_name, resume=resume)
     if as_json: console.print_json(json.dumps(res.to_dict())); return
     console.print(f"run {res.run_id} ({res.stopped_by}, {res.seconds:.0f} s)\nbest checkpoint: {res.best_checkpoint}", highlight=False)

@@ -24,6 +24,22 @@ def test_train_prints_checkpoint_and_metrics(ws):
     assert 0 <= out['metrics']['val/acc'] <= 1 and out['metrics']['epoch'] == 1
 
 
+def test_train_recipe_file_and_explicit_options(ws, tmp_path):
+    "A --config recipe fills TrainConfig; options given on the command line win over it, unset ones do not."
+    recipe = tmp_path/'recipe.yaml'
+    recipe.write_text("lr: 0.01\nepochs: 5\nlabel_smoothing: 0.1\nmixup_alpha: 0.2\npipeline: {crop_scale: [0.5, 1.0]}\n")
+    r = run_cli('-w', ws, 'train', 'classify', '--data', 'grocery@latest', '--model', 'tiny_cnn', '--epochs', 1, '--config', recipe,
+                '--json', env={'WANDB_MODE': 'disabled'}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    cfg = json.loads((ws/'runs'/out['run_id']/'config.json').read_text())['config']
+    assert (cfg['lr'], cfg['epochs'], cfg['label_smoothing'], cfg['mixup_alpha'], cfg['pipeline']['crop_scale']) == (0.01, 1, 0.1, 0.2, [0.5, 1.0])
+    assert cfg['batch_size'] == 32  # the option's default, untouched by the file
+    recipe.write_text("lr: [0.01\n")
+    r = run_cli('-w', ws, 'train', 'classify', '--data', 'grocery@latest', '--config', recipe, env={'COLUMNS': '400'})
+    assert r.returncode == 1 and f'training config file {recipe} is not valid YAML' in r.stderr and 'Traceback' not in r.stderr
+
+
 def test_train_bad_input_is_one_line(ws):
     r = run_cli('-w', ws, 'train', 'classify', '--data', 'grocery@latest', '--model', 'no_such_net', '--epochs', 1)
     assert r.returncode == 1 and 'no_such_net' in r.stderr and 'Traceback' not in r.stderr
