@@ -113,6 +113,7 @@ if __name__ == '__main__':
     ap.add_argument('--min-scale', type=float, default=0.3, help='smallest RandomResizedCrop area fraction')
     ap.add_argument('--val-every', type=int, default=1, help='validate every n epochs (and at the end)')
     ap.add_argument('--cache-scale', type=float, default=1.0, help='cache images this many times the training size (crops keep detail)')
+    ap.add_argument('--seed', type=int, default=0, help='seed of initialisation, order and augmentation')
     ap.add_argument('--mixup', type=float, default=0.0, help='MixUp alpha (0 = off)')
     ap.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0 = off)')
     ap.add_argument('--skip-accuracy', action='store_true')
@@ -128,7 +129,7 @@ if __name__ == '__main__':
     if not a.skip_accuracy:
         if 'accuracy' in result:  # keep every earlier recipe's outcome (without its history) for comparison
             result.setdefault('accuracy_earlier_runs', []).append({k: v for k, v in result['accuracy'].items() if k != 'history'})
-        result['accuracy'] = accuracy(a.minutes, a.size, weight_decay=a.weight_decay, min_scale=a.min_scale, val_every=a.val_every, cache_scale=a.cache_scale, mixup=a.mixup, cutmix=a.cutmix)
+        result['accuracy'] = accuracy(a.minutes, a.size, seed=a.seed, weight_decay=a.weight_decay, min_scale=a.min_scale, val_every=a.val_every, cache_scale=a.cache_scale, mixup=a.mixup, cutmix=a.cutmix)
         print(json.dumps({k: v for k, v in result['accuracy'].items() if k != 'history'}, indent=1))
     result['machine']['loadavg_end'] = os.getloadavg()
     out.parent.mkdir(exist_ok=True)
