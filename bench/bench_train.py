@@ -63,7 +63,7 @@ def _lightning(module, batches):
     return sum(len(y) for _, y in batches) / timer.seconds
 
 
-def throughput(rounds=3, n_batches=15, batch=32, size=128, classes=43):
+def throughput(rounds=5, n_batches=20, batch=32, size=128, classes=43):
     spec = dict(arch='mobilenet_v3_small', num_classes=classes, image_size=size)
     cfg = TrainConfig(arch='mobilenet_v3_small', image_size=size, scheduler='none', lr=1e-3, wandb_mode='disabled').model_dump(mode='json')
     names = [f'c{i}' for i in range(classes)]
