@@ -589,7 +589,10 @@ class _ValidationSchedule(Callback):
         trainer.check_val_every_n_epoch = 1 if due else 2**31  # Lightning's loop reads it at each check
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        "Within three batches of the time limit, let this epoch validate when the `Timer` stops it."
+        "Validate when a step limit stops an epoch half-way; within three batches of a time limit, mark the epoch to validate."
+        if 0 < trainer.max_steps <= trainer.global_step and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # Lightning validates a step-limited stop only at an epoch's end; a stop request makes it validate now
+            trainer.check_val_every_n_epoch, trainer.should_stop = 1, True
         if self.every == 1: return
         now, step = time.monotonic(), None
         if self._last is not None: step = now - self._last
