@@ -297,18 +297,21 @@ def test_detector_trains_and_reports_coco_map(tmp_path):
 
 def test_ddp_on_two_cpu_processes(ws, tmp_path):
     script = _script(tmp_path, f"""
-        import json, sys
+        import json, os, sys
+        from pathlib import Path
         from retail_cv.train import TrainConfig, fit
         if __name__ == '__main__':
             cfg = TrainConfig(arch='tiny_cnn', epochs=1, batch_size=16, wandb_mode='disabled',
                               accelerator='cpu', strategy='ddp', devices=2)
             r = fit(cfg, 'grocery', sys.argv[1], run_name='ddp')
-            print('RESULT', json.dumps(r.to_dict()), flush=True)
+            # a file per rank: the two processes share one stdout, where their lines can interleave
+            (Path(sys.argv[2])/f"result-{{os.environ.get('LOCAL_RANK', '0')}}.json").write_text(json.dumps(r.to_dict()))
         """)
-    p = subprocess.run([sys.executable, str(script), str(ws.root)], env=_env(), capture_output=True, text=True, timeout=180)
+    out = tmp_path/'results'; out.mkdir()
+    p = subprocess.run([sys.executable, str(script), str(ws.root), str(out)], env=_env(), capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    results = [json.loads(line.split(' ', 1)[1]) for line in p.stdout.splitlines() if line.startswith('RESULT ')]
-    assert len(results) == 2 and len({r['run_id'] for r in results}) == 1  # both ranks, one run
+    results = [json.loads(f.read_text()) for f in sorted(out.glob('result-*.json'))]
+    assert len(results) == 2 and len({r['run_id'] for r in results}) == 1, (p.stdout + p.stderr)[-4000:]  # both ranks, one run
     r = results[0]
     # 70 training images split over 2 processes: 35 each, 2 full batches of 16 -> 2 steps (one process would take 4)
     assert r['metrics']['step'] == 2 and r['status'] == 'completed'
