@@ -174,11 +174,15 @@ def _schedule_factor(scheduler: str,  # 'onecycle' or 'cosine'
     if p < rise: return start + (1 - start) * (1 - math.cos(math.pi * p / rise)) / 2 if scheduler == 'onecycle' else start + (1 - start) * p / rise
     return end + (1 - end) * (1 + math.cos(math.pi * (p - rise) / (1 - rise))) / 2
 
+def _timer(trainer: L.Trainer) -> Timer | None:
+    "The `Timer` Lightning adds for `max_time`, if any."
+    return next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+
 def _time_schedule(module: L.LightningModule, config: TrainConfig) -> Callable[[int], float]:
     "LambdaLR multiplier driven by the share of `max_minutes` the trainer's `Timer` has seen."
     budget_s = config.max_minutes * 60
     def factor(_step: int) -> float:  # a closure, not an object: LambdaLR would pickle an object into the checkpoint
-        t = module._trainer and next((c for c in module.trainer.callbacks if isinstance(c, Timer)), None)
+        t = module._trainer and _timer(module.trainer)
         return _schedule_factor(config.scheduler, t.time_elapsed('train') / budget_s if t else 0.0, config.warmup_fraction)
     return factor
 
@@ -592,12 +596,13 @@ class _ValidationSchedule(Callback):
         "Validate when a step limit stops an epoch half-way; within three batches of a time limit, mark the epoch to validate."
         if 0 < trainer.max_steps <= trainer.global_step and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             # Lightning validates a step-limited stop only at an epoch's end; a stop request makes it validate now
-            trainer.check_val_every_n_epoch, trainer.should_stop = 1, True
+            # (this epoch is already marked to validate: `on_train_epoch_start` saw the limit coming)
+            trainer.should_stop = True
         if self.every == 1: return
         now, step = time.monotonic(), None
         if self._last is not None: step = now - self._last
         self._last = now
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        timer = _timer(trainer)
         if timer is None or timer.time_remaining() is None: return
         near = step is not None and timer.time_remaining() < 3 * step
         if trainer.strategy.broadcast(near, src=0): trainer.check_val_every_n_epoch = 1  # rank 0 decides, as the Timer does
@@ -628,7 +633,7 @@ class _LastCheckpoint(Checkpoint):
 
 def _timed_out(trainer: L.Trainer) -> bool:
     "Whether the `max_time` limit stopped training."
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    timer = _timer(trainer)
     return timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0
 
 # %% ../nbs/20_train.ipynb #c6f42c50
