@@ -17,8 +17,8 @@ fi
 echo "== 2/3 nbdev-test (flags slow, cuda, notest skipped)"
 nbdev-test --n-workers 2 || fail=1
 
-echo "== 3/3 pytest tests/"
-pytest tests/ -q -p no:cacheprovider || fail=1
+echo "== 3/3 pytest tests/ (slow-marked variants run in the scheduled workflow, .github/workflows/slow.yml)"
+pytest tests/ -q -p no:cacheprovider -m "not slow" --durations=15 || fail=1
 
 [ $fail -eq 0 ] && echo "== all checks passed" || echo "== FAILED (see above)"
 exit $fail
