@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from retail_cv.core import atomic_write
 from retail_cv.data.formats import Annotation, Category, Dataset, ImageRecord
-from retail_cv.data.pipeline import ClassificationDataModule
+from retail_cv.data.loading import ClassificationDataModule
 
 warnings.filterwarnings('ignore', category=DeprecationWarning)
 RESULTS = Path(__file__).resolve().parent/'results'/'pipeline.json'

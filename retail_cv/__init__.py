@@ -2,11 +2,9 @@
 
 Modules:
 
-- `retail_cv.data.store`: Content-addressed, versioned datasets in the workspace: ingest once, name every version by its content, diff, read back verified, encrypted at rest when asked.
 - `retail_cv.jobs`: Run a job notebook with papermill and keep a run record of what it did: parameters checked before the kernel starts, the executed notebook, outputs with hashes, git state, package versions, timings, and the failing cell.
 - `retail_cv.k8s`: A job notebook as a Kubernetes `batch/v1` Job: the runner's command in the image, resources, the workspace on a volume, checked against the official API schema; GPU scheduling the Run:ai way, and multi-node DDP training.
 - `retail_cv.pipeline`: A small YAML file of job steps and what each needs from the others, run in order with every step cached by content: an unchanged step is not run again, a changed one re-runs with everything downstream of it.
-- `retail_cv.registry`: Numbered model versions with their artifacts' hashes, movable aliases, a promotion gate against the champion, rollback, lineage from dataset to bundle, model cards, role-based tokens and a hash-chained, append-only audit log, all in one SQLite database in the workspace.
 - `retail_cv.tracking`: The W&B runs training logged offline into the workspace: list them, and upload them with `wandb sync` when a server is there, failing in seconds with one clear line when it is not."""
 
 __version__ = "0.1.0"

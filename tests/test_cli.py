@@ -1,9 +1,16 @@
-"The CLI as users run it: data -> train -> tune, each a real subprocess on one workspace."
+"The CLI as users run it: data -> train -> tune, each a real subprocess on one workspace; defaults from the configs."
 import json
 
 import pytest
+import typer
+import yaml
 
+from retail_cv.cli import app
+from retail_cv.cli._app import Default
 from retail_cv.data.formats import grocery_sample
+from retail_cv.k8s import K8sJobConfig
+from retail_cv.train import TrainConfig
+from retail_cv.tune import TuneConfig
 from conftest import run_cli
 
 
@@ -34,7 +41,7 @@ def test_train_recipe_file_and_explicit_options(ws, tmp_path):
     out = json.loads(r.stdout)
     cfg = json.loads((ws/'runs'/out['run_id']/'config.json').read_text())['config']
     assert (cfg['lr'], cfg['epochs'], cfg['label_smoothing'], cfg['mixup_alpha'], cfg['pipeline']['crop_scale']) == (0.01, 1, 0.1, 0.2, [0.5, 1.0])
-    assert cfg['batch_size'] == 32  # the option's default, untouched by the file
+    assert cfg['batch_size'] == TrainConfig.model_fields['batch_size'].default  # neither in the file nor given
     recipe.write_text("lr: [0.01\n")
     r = run_cli('-w', ws, 'train', 'classify', '--data', 'grocery@latest', '--config', recipe, env={'COLUMNS': '400'})
     assert r.returncode == 1 and f'training config file {recipe} is not valid YAML' in r.stderr and 'Traceback' not in r.stderr
@@ -78,3 +85,37 @@ def test_train_export_verify_predict(ws, tmp_path):
     broken = tmp_path/'broken.jpg'; broken.write_bytes(b'not an image')
     r = run_cli('-w', ws, 'predict', bundle, broken)
     assert r.returncode == 1 and 'broken.jpg' in r.stderr and 'Traceback' not in r.stderr
+
+
+def _params(cmd):
+    yield from cmd.params
+    for sub in getattr(cmd, 'commands', {}).values(): yield from _params(sub)
+
+
+def test_defaults_are_read_from_their_owners():
+    "Every default the CLI takes from a config, a signature or a constant resolves, and --help shows the owner's value."
+    found = {p.default.target: p.default() for p in _params(typer.main.get_command(app)) if isinstance(p.default, Default)}
+    assert {'retail_cv.train:TrainConfig.epochs', 'retail_cv.tune:TuneConfig.trials', 'retail_cv.data.synth:SynthConfig.images',
+            'retail_cv.k8s:K8sJobConfig.memory', 'retail_cv.demo:DemoConfig.shelf_images'} <= set(found)
+    assert found['retail_cv.train:TrainConfig.lr'] == TrainConfig.model_fields['lr'].default
+    assert found['retail_cv.tune:TuneConfig.n_jobs'] == TuneConfig.model_fields['n_jobs'].default
+    r = run_cli('k8s', 'render', '--help', env={'COLUMNS': '200'})
+    assert f"[default: {K8sJobConfig.model_fields['memory'].default}]" in r.stdout
+
+
+def test_k8s_defaults_stay_with_the_config():
+    "Options not given are left to K8sJobConfig; given ones win."
+    r = run_cli('k8s', 'render', 'train', '--image', 'img', '--cpu', '3')
+    assert r.returncode == 0, r.stderr
+    c = yaml.safe_load(r.stdout)['spec']['template']['spec']['containers'][0]
+    assert c['resources']['limits']['cpu'] == '3' and c['resources']['limits']['memory'] == K8sJobConfig.model_fields['memory'].default
+
+
+def test_synth_options_file_and_explicit_options(tmp_path):
+    "`data synth`: SynthConfig's defaults, then the --options file, then the options given (which win)."
+    opts = tmp_path/'synth.yaml'; opts.write_text('images: 3\nskus: 5\n')
+    r = run_cli('data', 'synth', '--out', tmp_path/'a', '--options', opts, '--images', 2)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('2 images') and len(list((tmp_path/'a').rglob('*.jpg'))) == 2
+    cats = {c['name'] for f in (tmp_path/'a').rglob('*.json') for c in json.loads(f.read_text()).get('categories', [])}
+    assert len(cats - {'gap', 'price_tag'}) == 5  # from the file: the command line left skus alone

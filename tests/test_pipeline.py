@@ -22,7 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from retail_cv.core import DataError, IntegrityError, Workspace
 from retail_cv.data.formats import Annotation, Category, Dataset, ImageRecord
-from retail_cv.data.pipeline import (BatchAugment, ClassificationDataModule, DecodedImageCache, DetectionDataModule,
+from retail_cv.data.loading import (BatchAugment, ClassificationDataModule, DecodedImageCache, DetectionDataModule,
                                      DiskReader, IMAGENET_MEAN, IMAGENET_STD, default_cache_key, resize_image)
 
 pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning')
@@ -117,7 +117,7 @@ def test_later_runs_read_the_cache_and_never_the_images(tmp_path):
     for p in (ds.root/'img').iterdir(): p.unlink()  # the JPEGs are gone: only the cache can answer
     script = textwrap.dedent(f"""
         import pickle, sys, torch
-        from retail_cv.data.pipeline import ClassificationDataModule
+        from retail_cv.data.loading import ClassificationDataModule
         ds = pickle.loads(bytes.fromhex({pickle.dumps(ds).hex()!r}))
         dm = ClassificationDataModule(ds, image_size=32, cache_dir={str(tmp_path/'cache')!r}, cache_key={key!r}, progress=False, val_fraction=0.25)
         dm.prepare_data(); dm.setup()
@@ -137,7 +137,7 @@ def test_a_killed_build_is_never_reused_and_is_cleaned_up(tmp_path):
     builder = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from retail_cv.data.pipeline import DecodedImageCache
+        from retail_cv.data.loading import DecodedImageCache
         root = Path({str(ds.root)!r})
         def slow_read(name):
             time.sleep(0.1)

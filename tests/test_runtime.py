@@ -73,7 +73,7 @@ def test_classification_matches_the_pytorch_model_on_the_same_preprocessing(env,
 
 def test_preprocess_agrees_with_the_training_pipeline(env):
     "The training pipeline decodes with torchvision and resizes uint8 tensors; this differs by at most one grey level."
-    from retail_cv.data.pipeline import decode_image_bytes, resize_image
+    from retail_cv.data.loading import decode_image_bytes, resize_image
     spec = ModelSpec(arch='mobilenet_v3_small', num_classes=3, image_size=96).preprocessing
     mean, std = torch.tensor(spec['mean']).view(3, 1, 1), torch.tensor(spec['std']).view(3, 1, 1)
     for photo in env['photos']:
@@ -87,7 +87,7 @@ def test_preprocess_agrees_with_the_training_pipeline(env):
 
 @pytest.mark.parametrize('mode', ['letterbox', 'crop', 'stretch'])
 def test_geometry_agrees_with_the_training_pipeline(mode):
-    from retail_cv.data.pipeline import resize_geometry as pipeline_geometry
+    from retail_cv.data.loading import resize_geometry as pipeline_geometry
     from retail_cv.preprocess import resize_geometry
     for w, h in [(640, 480), (333, 777), (50, 50), (1, 9)]:
         nw, nh, g = resize_geometry(w, h, (224, 160), mode)
