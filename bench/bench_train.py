@@ -14,7 +14,10 @@
    val_every_n_epochs=2, pipeline={'crop_scale': (0.25, 1), 'cache_scale': 1.25})`; the same recipe as a YAML file
    runs with `retail-cv train classify --data grocery@latest --model mobilenet_v3_small --config recipe.yaml`.
 
-    python bench/bench_train.py [--minutes 10] [--skip-accuracy] [--skip-throughput] [recipe options, see --help]
+3. BatchNorm re-estimation: `torch.optim.swa_utils.update_bn` (what `train.callbacks.PreciseBN` uses) against the
+   hand-written loop of `models.recalibrate_batchnorm`, on MobileNetV3-small: same statistics (bit for bit) and time.
+
+    python bench/bench_train.py [--minutes 10] [--skip-accuracy] [--skip-throughput] [--skip-bn] [recipe options, see --help]
 """
 import argparse, json, os, platform, statistics, sys, tempfile, time
 from pathlib import Path
@@ -82,6 +85,25 @@ def throughput(rounds=5, n_batches=20, batch=32, size=128, classes=43):
             'ratio_lightning_over_plain': round(med['lightning'] / med['plain'], 3), 'target_ratio': 0.97}
 
 
+def precise_bn(rounds=5, images=256, size=128, batch=32):
+    "Seconds per re-estimation of MobileNetV3-small's BatchNorm statistics, update_bn against recalibrate_batchnorm."
+    from torch.optim.swa_utils import update_bn
+    from retail_cv.models import build_model, recalibrate_batchnorm
+    from retail_cv.train.callbacks._precise_bn import _BatchNormOnly
+    spec = ModelSpec(arch='mobilenet_v3_small', num_classes=43, image_size=size)
+    x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(0))
+    a, b = build_model(spec), build_model(spec)
+    b.load_state_dict(a.state_dict())
+    times = {'recalibrate_batchnorm': [], 'update_bn': []}
+    for r in range(rounds + 1):  # round 0 warms up
+        t0 = time.perf_counter(); recalibrate_batchnorm(a, x, batch_size=batch); t1 = time.perf_counter()
+        update_bn([c for c in x.split(batch) if len(c) >= 2], _BatchNormOnly(b)); t2 = time.perf_counter()
+        if r: times['recalibrate_batchnorm'].append(t1 - t0); times['update_bn'].append(t2 - t1)
+    same = all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+    return {'model': 'mobilenet_v3_small', 'image_size': size, 'images': images, 'batch': batch, 'identical_statistics': same,
+            **{f'median_s_{k}': round(statistics.median(v), 4) for k, v in times.items()}}
+
+
 def accuracy(minutes=10.0, size=112, seed=0, weight_decay=0.05, min_scale=0.3, val_every=1, cache_scale=1.0, mixup=0.0, cutmix=0.0):
     from retail_cv.data.store import DatasetStore
     if not (GROCERY/'classes.csv').exists(): raise SystemExit(f"{GROCERY} not found: the accuracy benchmark needs ../shared")
@@ -118,6 +140,7 @@ if __name__ == '__main__':
     ap.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0 = off)')
     ap.add_argument('--skip-accuracy', action='store_true')
     ap.add_argument('--skip-throughput', action='store_true')
+    ap.add_argument('--skip-bn', action='store_true')
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     out = ROOT/'bench'/'results'/'train.json'
@@ -126,6 +149,8 @@ if __name__ == '__main__':
                            'loadavg_start': os.getloadavg()}, created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
     if not a.skip_throughput:
         result['throughput'] = throughput(); print(json.dumps(result['throughput'], indent=1))
+    if not a.skip_bn:
+        result['precise_bn'] = precise_bn(); print(json.dumps(result['precise_bn'], indent=1))
     if not a.skip_accuracy:
         if 'accuracy' in result:  # keep every earlier recipe's outcome (without its history) for comparison
             result.setdefault('accuracy_earlier_runs', []).append({k: v for k, v in result['accuracy'].items() if k != 'history'})

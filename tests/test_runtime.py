@@ -85,15 +85,6 @@ def test_preprocess_agrees_with_the_training_pipeline(env):
         assert (diff > 1e-5).mean() < 0.02
 
 
-@pytest.mark.parametrize('mode', ['letterbox', 'crop', 'stretch'])
-def test_geometry_agrees_with_the_training_pipeline(mode):
-    from retail_cv.data.loading import resize_geometry as pipeline_geometry
-    from retail_cv.preprocess import resize_geometry
-    for w, h in [(640, 480), (333, 777), (50, 50), (1, 9)]:
-        nw, nh, g = resize_geometry(w, h, (224, 160), mode)
-        assert (nw, nh, (g.sx, g.sy, g.ox, g.oy)) == pipeline_geometry(w, h, (224, 160), mode)
-
-
 def test_detections_are_the_pytorch_detections_in_original_pixels(env, det_pred):
     photo = env['photos'][1]  # 200 x 300, stretched to 320 x 320
     x, (g,) = preprocess_with_geometry(photo, det_pred.contract.preprocessing)

@@ -7,10 +7,10 @@ Docs: https://retail-cv.github.io/retail_cv/cli.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/99_cli.ipynb #b9eea84d
+# %% ../../nbs/99_cli.ipynb #6fadd41c
 from ._app import app, main
 # each module registers its commands on `app`; chapter order is the order of `retail-cv --help`
-from . import _doctor, _data, _train, _evaluate, _edge, _registry, _jobs, _demo
+from . import _doctor, _data, _models, _train, _sync, _evaluate, _edge, _registry, _jobs, _pipeline, _k8s, _demo, _docs
 from ._doctor import doctor_report
 
 __all__ = ['app', 'main', 'doctor_report']

@@ -7,7 +7,7 @@ Docs: https://retail-cv.github.io/retail_cv/loading.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../../../nbs/17_loading.ipynb #f24d300b
+# %% ../../../nbs/17_loading.ipynb #20aa3019
 from ._config import IMAGENET_MEAN, IMAGENET_STD, LabelMap, PipelineConfig, split_indices
 from ._decode import decode_image_bytes, map_boxes, resize_image, unmap_boxes
 from ._cache import DecodedImageCache, DiskReader, ImageDecoder, default_cache_key

@@ -8,7 +8,7 @@ Docs: https://retail-cv.github.io/retail_cv/store.html.md"""
 # %% auto #0
 __all__ = ['safe_relpath', 'HashCache', 'ObjectStore', 'IngestStats', 'DatasetVersion', 'DatasetStore', 'VersionDiff']
 
-# %% ../../../nbs/16_store.ipynb #55906938
+# %% ../../../nbs/16_store.ipynb #278eda17
 from ._cache import HashCache
 from ._objects import ObjectStore, safe_relpath
 from ._store import DatasetStore

@@ -7,7 +7,7 @@ Docs: https://retail-cv.github.io/retail_cv/synth.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../../../nbs/13_synth.ipynb #bbe2ce07
+# %% ../../../nbs/13_synth.ipynb #5da1377f
 from ._options import SynthConfig, synth_config
 from ._codes import ean13_check_digit, parse_price_ean13, price_ean13
 from ._catalogue import GRAPHICS, PACKAGINGS, SKU, make_catalogue
