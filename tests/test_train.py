@@ -237,6 +237,17 @@ def test_every_checkpoint_load_in_the_module_is_weights_only():
     assert re.search(r'trainer\.fit\(.*weights_only=True\)', src)  # Lightning's own resume load
 
 
+def test_one_callback_per_module_reaching_data_only_through_trainer_datamodule():
+    import ast
+    for f in sorted((ROOT/'retail_cv'/'train'/'callbacks').glob('_*.py')):
+        src = f.read_text()
+        tree = ast.parse(src)
+        callbacks = [n.name for n in tree.body if isinstance(n, ast.ClassDef) and any(
+            getattr(b, 'id', getattr(b, 'attr', '')) in ('Callback', 'Checkpoint') for b in n.bases)]
+        assert len(callbacks) == 1, (f.name, callbacks)
+        assert not re.search(r'datamodule\.(_|inner\b)', src) and 'data.loading' not in src, f.name
+
+
 def test_wandb_offline_stays_in_the_workspace_and_records_the_run(tmp_path):
     ws = Workspace.open(tmp_path/'ws')
     version = DatasetStore(ws).ingest(grocery_sample(), 'grocery', progress=False)

@@ -80,36 +80,18 @@ def image_collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tens
     np.stack([h.numpy() for h in hwc], out=out.numpy())  # NumPy: torch's uint8 stack can be 50x slower with OpenMP threads
     return out.permute(0, 3, 1, 2), torch.tensor([int(b[1]) for b in batch], dtype=torch.int64)
 
-# %% ../../../nbs/19_loading_batches.ipynb #01009140
+# %% ../../../nbs/19_loading_batches.ipynb #37cd5632
 _GREY = (0.299, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
 
-class BatchAugment(torch.nn.Module):
-    "Batched random flip, colour jitter and normalisation of uint8 images, on the batch's device."
-    def __init__(self, hflip_p: float = 0.5,  # probability of a horizontal flip per image
-                 brightness: float = 0.2,  # brightness factor drawn from [1-b, 1+b]
-                 contrast: float = 0.2,  # contrast factor drawn from [1-c, 1+c]
-                 saturation: float = 0.2,  # saturation factor drawn from [1-s, 1+s]
-                 mean: Sequence[float] | None = IMAGENET_MEAN,  # per-channel mean; None: no normalisation
+class _Normalize(torch.nn.Module):
+    "uint8 images to float in [0, 1], normalised by mean and std, on the batch's device."
+    def __init__(self, mean: Sequence[float] | None = IMAGENET_MEAN,  # per-channel mean; None: no normalisation
                  std: Sequence[float] | None = IMAGENET_STD,  # per-channel std
-                 seed: int = 0,  # seed of the augmentation's own random stream
                 ):
         super().__init__()
-        self.hflip_p, self.brightness, self.contrast, self.saturation = hflip_p, brightness, contrast, saturation
         self.mean = None if mean is None else tuple(float(m) for m in mean)
         self.std = None if std is None else tuple(float(s) for s in std)
         self._consts: dict[str, tuple[torch.Tensor, ...]] = {}
-        self.reseed(seed)
-
-    def reseed(self, seed: int) -> None:
-        "Restart the random stream from `seed`."
-        self.seed, self._gen = seed, torch.Generator().manual_seed(seed)
-
-    def draw(self, n: int) -> torch.Tensor:
-        "Per-image parameters `n x 4` on the CPU: flip (0/1), brightness, contrast and saturation factors."
-        u = torch.rand(n, 4, generator=self._gen)
-        p = 1 + torch.tensor([0, self.brightness, self.contrast, self.saturation]) * (2 * u - 1)
-        p[:, 0] = (u[:, 0] < self.hflip_p).float()
-        return p
 
     def _const(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         "Grey weights, 1/std and -mean/std as `1 x 3 x 1 x 1` tensors on `device` (made once per device)."
@@ -131,6 +113,32 @@ class BatchAugment(torch.nn.Module):
         if x.device.type == 'cpu': x = x.contiguous()  # channels-last batches: 3x slower elementwise ops on CPU
         y = x.float() if x.dtype != torch.float32 else x.clone()
         return self._finish(y, 1 / 255 if x.dtype == torch.uint8 else 1.0)
+
+# %% ../../../nbs/19_loading_batches.ipynb #da9a5d18
+class BatchAugment(_Normalize):
+    "Batched random flip, colour jitter and normalisation of uint8 images, on the batch's device."
+    def __init__(self, hflip_p: float = 0.5,  # probability of a horizontal flip per image
+                 brightness: float = 0.2,  # brightness factor drawn from [1-b, 1+b]
+                 contrast: float = 0.2,  # contrast factor drawn from [1-c, 1+c]
+                 saturation: float = 0.2,  # saturation factor drawn from [1-s, 1+s]
+                 mean: Sequence[float] | None = IMAGENET_MEAN,  # per-channel mean; None: no normalisation
+                 std: Sequence[float] | None = IMAGENET_STD,  # per-channel std
+                 seed: int = 0,  # seed of the augmentation's own random stream
+                ):
+        super().__init__(mean, std)
+        self.hflip_p, self.brightness, self.contrast, self.saturation = hflip_p, brightness, contrast, saturation
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        "Restart the random stream from `seed`."
+        self.seed, self._gen = seed, torch.Generator().manual_seed(seed)
+
+    def draw(self, n: int) -> torch.Tensor:
+        "Per-image parameters `n x 4` on the CPU: flip (0/1), brightness, contrast and saturation factors."
+        u = torch.rand(n, 4, generator=self._gen)
+        p = 1 + torch.tensor([0, self.brightness, self.contrast, self.saturation]) * (2 * u - 1)
+        p[:, 0] = (u[:, 0] < self.hflip_p).float()
+        return p
 
     def _apply(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         "Flip, jitter and normalise a uint8 batch with CPU parameters `p`, in a few in-place ops."

@@ -28,7 +28,37 @@ def _code_modules(payload: str, symbology: str) -> np.ndarray:
     qr = zxingcpp.create_barcode(payload, zxingcpp.BarcodeFormat.QRCode, ec_level='M')
     return np.pad(np.asarray(qr.to_image(scale=1, add_quiet_zones=False)), 2, constant_values=255)
 
-# %% ../../../nbs/13e_synth_tags.ipynb #ae1be9fe
+# %% ../../../nbs/13e_synth_tags.ipynb #48dcd3f8
+def _ean13_tag(s: SKU,  # the product the tag prices
+               code: np.ndarray,  # its EAN-13 as one row of 0/255 modules
+               m: int,  # pixels per module
+               bg: tuple[int, int, int],  # the tag's colour (RGB)
+              ) -> np.ndarray:
+    "An EAN-13 price tag as RGB pixels."
+    bars = np.repeat(np.repeat(code, m, 1), 10 * m, 0)
+    w, top = bars.shape[1], 8 * m
+    im = Image.new('RGB', (w, top + bars.shape[0] + m), bg); d = ImageDraw.Draw(im)
+    d.text((2 * m, -m), s.price, font=_font(8 * m), fill=(15, 15, 15))
+    d.text((w * .6, .5 * m), s.sku, font=_font(3 * m), fill=(40, 40, 40))
+    d.text((w * .6, 4 * m), s.name[:20], font=_font(int(2.5 * m)), fill=(60, 60, 60))
+    arr = np.array(im); arr[top:top + bars.shape[0]] = bars[..., None]
+    return arr
+
+# %% ../../../nbs/13e_synth_tags.ipynb #a69d4ffb
+def _qr_tag(s: SKU,  # the product the tag prices
+            code: np.ndarray,  # its QR code as a square of 0/255 modules
+            m: int,  # pixels per module
+            bg: tuple[int, int, int],  # the tag's colour (RGB)
+           ) -> np.ndarray:
+    "A QR price tag as RGB pixels."
+    qr = np.repeat(np.repeat(code, m, 1), m, 0); side = qr.shape[0]
+    im = Image.new('RGB', (2 * side, side), bg); d = ImageDraw.Draw(im)
+    d.text((side + m, side * .1), s.price, font=_fit_font(d, s.price, side - 2 * m, 8 * m), fill=(15, 15, 15))
+    d.text((side + m, side * .64), s.sku, font=_font(3 * m), fill=(40, 40, 40))
+    arr = np.array(im); arr[:, :side] = qr[..., None]
+    return arr
+
+# %% ../../../nbs/13e_synth_tags.ipynb #19280664
 _TAG_MODULE = 4  # tags are drawn once at 4 px per module
 _TAG_COLORS = ((250, 250, 246), (255, 236, 90), (250, 250, 246), (235, 245, 255))
 
@@ -38,22 +68,8 @@ def render_tag(s: SKU,  # the product the tag prices
               ) -> np.ndarray:
     "A shelf-edge price tag (BGR uint8) with price, SKU code and a scannable code."
     if symbology not in ('ean13', 'qr'): raise ValueError(f"symbology must be 'ean13' or 'qr', got {symbology!r}")
-    m, bg = module, _TAG_COLORS[s.item % len(_TAG_COLORS)]
     code = _code_modules(s.payload(symbology), symbology)
-    if symbology == 'ean13':
-        bars = np.repeat(np.repeat(code, m, 1), 10 * m, 0)
-        w, top = bars.shape[1], 8 * m
-        im = Image.new('RGB', (w, top + bars.shape[0] + m), bg); d = ImageDraw.Draw(im)
-        d.text((2 * m, -m), s.price, font=_font(8 * m), fill=(15, 15, 15))
-        d.text((w * .6, .5 * m), s.sku, font=_font(3 * m), fill=(40, 40, 40))
-        d.text((w * .6, 4 * m), s.name[:20], font=_font(int(2.5 * m)), fill=(60, 60, 60))
-        arr = np.array(im); arr[top:top + bars.shape[0]] = bars[..., None]
-    else:
-        qr = np.repeat(np.repeat(code, m, 1), m, 0); side = qr.shape[0]
-        im = Image.new('RGB', (2 * side, side), bg); d = ImageDraw.Draw(im)
-        d.text((side + m, side * .1), s.price, font=_fit_font(d, s.price, side - 2 * m, 8 * m), fill=(15, 15, 15))
-        d.text((side + m, side * .64), s.sku, font=_font(3 * m), fill=(40, 40, 40))
-        arr = np.array(im); arr[:, :side] = qr[..., None]
+    arr = (_ean13_tag if symbology == 'ean13' else _qr_tag)(s, code, module, _TAG_COLORS[s.item % len(_TAG_COLORS)])
     return np.ascontiguousarray(arr[..., ::-1])
 
 # %% ../../../nbs/13e_synth_tags.ipynb #40b9b83e
