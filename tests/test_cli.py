@@ -69,12 +69,14 @@ def test_train_export_verify_predict(ws, tmp_path):
     r = run_cli('-w', ws, 'train', 'classify', '--data', 'grocery@latest', '--model', 'tiny_cnn', '--epochs', 2,
                 '--batch-size', 16, '--run-name', 'edge', '--json', env={'WANDB_MODE': 'disabled'}, timeout=300)
     ckpt = json.loads(r.stdout)['best_checkpoint']
-    r = run_cli('-w', ws, 'keys', 'generate')
-    assert r.returncode == 0, r.stderr
+    assert not (ws/'keys'/'signing.key').exists()  # a fresh workspace: export creates the key and says so
     r = run_cli('-w', ws, 'export', ckpt, '--profile', 'handheld-arm', '--data', 'grocery@latest', '--json',
                 env={'WANDB_MODE': 'disabled'}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"no signing key yet: created {ws/'keys'/'signing.key'}" in r.stderr
     bundle = json.loads(r.stdout)['bundle']
+    r = run_cli('-w', ws, 'keys', 'generate')
+    assert r.returncode == 1 and 'already exists' in r.stderr  # the key that signed the bundle is kept
     r = run_cli('-w', ws, 'bundle', 'verify', bundle, '--golden', '--json')
     assert r.returncode == 0 and json.loads(r.stdout)['golden_ok'], r.stdout + r.stderr
     photos = sorted((grocery_sample()/'val').rglob('*.jpg'))[:3]
@@ -119,3 +121,23 @@ def test_synth_options_file_and_explicit_options(tmp_path):
     assert r.stdout.startswith('2 images') and len(list((tmp_path/'a').rglob('*.jpg'))) == 2
     cats = {c['name'] for f in (tmp_path/'a').rglob('*.json') for c in json.loads(f.read_text()).get('categories', [])}
     assert len(cats - {'gap', 'price_tag'}) == 5  # from the file: the command line left skus alone
+
+
+def test_synth_labels_kinds_writes_three_categories(tmp_path):
+    r = run_cli('data', 'synth', '--out', tmp_path/'k', '--images', 1, '--seed', 999, '--labels', 'kinds')
+    assert r.returncode == 0, r.stderr
+    cats = json.loads((tmp_path/'k'/'annotations.json').read_text())['categories']
+    assert [c['name'] for c in cats] == ['product', 'gap', 'price_tag']
+    r = run_cli('data', 'synth', '--out', tmp_path/'x', '--images', 1, '--labels', 'classes')
+    assert r.returncode == 1 and "'labels'" in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_piped_output_keeps_long_paths_whole(tmp_path):
+    "stdout and stderr are pipes (as in CI logs): a path longer than 80 columns is printed whole, on one line."
+    out = tmp_path/('shelves-' + 'x' * 100)
+    r = run_cli('data', 'synth', '--out', out, '--images', 1, env={'COLUMNS': '80'})
+    assert r.returncode == 0, r.stderr
+    assert len(str(out)) > 80 and len(r.stdout.splitlines()) == 1 and f"written to {out} at " in r.stdout
+    blocker = tmp_path/('not-a-folder-' + 'y' * 100); blocker.write_text('')
+    r = run_cli('data', 'synth', '--out', blocker, '--images', 1, env={'COLUMNS': '80'})
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: output {blocker} exists and is not a folder"]

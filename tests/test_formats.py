@@ -284,7 +284,7 @@ def test_writers_refuse_unsafe_or_unsuitable_input(tmp_path):
 
 def test_coco_malformed(tmp_path):
     (tmp_path/'a.json').write_text('{"categories": [], "images": [{"id": 1, "file_name": "a.jpg", "width": "wide"}]}')
-    with pytest.raises(DataError, match=r'images\[0\] has a field of the wrong type'): read_coco(tmp_path/'a.json')
+    with pytest.raises(DataError, match=r"images\[0\] \(id 1\) field 'width' must be an integer, got 'wide'"): read_coco(tmp_path/'a.json')
     (tmp_path/'b.json').write_text('{"categories": [],\n\n "images": [,]}')
     with pytest.raises(DataError, match='b.json line 3: not valid JSON'): read_coco(tmp_path/'b.json')
     (tmp_path/'c.json').write_text('{"categories": {}, "images": []}')

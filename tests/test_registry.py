@@ -1,9 +1,10 @@
-"""Model registry: concurrency across processes, audit-chain tampering, roles and tokens, the promotion gate,
+"""Model registry: concurrency across processes, audit-chain tampering (signed chain: rewrite, reorder, truncation), roles and tokens, the promotion gate,
 rollback, lineage, model cards and the CLI through the real console script."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
@@ -14,8 +15,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from retail_cv.bundle import generate_signing_key
 from retail_cv.core import ConfigError, DataError, Workspace, sha256_bytes
-from retail_cv.registry import (GateError, PermissionDeniedError, Registry, RegistryError, plot_lineage)
+from retail_cv.registry import (AUDIT_HEAD_ENV, AUDIT_KEY_ENV, AUDIT_PUBKEY_ENV, GENESIS, GateError, PermissionDeniedError,
+                                Registry, RegistryError, plot_lineage)
+from retail_cv.registry._audit import _entry_hash
 
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
@@ -31,11 +35,12 @@ def artifact(folder: Path, name: str, content: bytes | None = None) -> Path:
 def db_path(ws: Path) -> Path: return ws/'registry'/'registry.db'
 
 
-def raw(ws: Path, sql: str, *args, drop_triggers: bool = False) -> list[tuple]:
+def raw(ws: Path, sql: str, *args, drop_triggers: bool = False, signatures: bool = False) -> list[tuple]:
     "Run SQL on the registry database with plain sqlite3, as someone holding the file would."
     with sqlite3.connect(db_path(ws)) as db:
+        table = 'audit_signatures' if signatures else 'audit'  # whose append-only triggers to drop
         if drop_triggers:
-            db.execute('DROP TRIGGER IF EXISTS audit_no_update'); db.execute('DROP TRIGGER IF EXISTS audit_no_delete')
+            db.execute(f'DROP TRIGGER IF EXISTS {table}_no_update'); db.execute(f'DROP TRIGGER IF EXISTS {table}_no_delete')
         rows = db.execute(sql, args).fetchall()
     db.close()
     return rows
@@ -65,17 +70,19 @@ WORKER = textwrap.dedent("""
 
 def test_eight_processes_register_and_move_aliases_at_once(tmp_path):
     ws, procs, n, workers = tmp_path/'ws', [], 5, 8
+    key = generate_signing_key(tmp_path/'keys'/'audit.key')  # every worker signs; they race for the head file too
     for i in range(workers):
         for j in range(n): artifact(tmp_path/'art', f'{i}-{j}.ckpt')
     go = tmp_path/'go'
     for i in range(workers):  # the registry database does not exist yet: the workers also race to create it
         procs.append(subprocess.Popen([sys.executable, '-c', WORKER, str(ws), str(i), str(n), str(go)],
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, AUDIT_KEY_ENV: str(key.private_key)}))
     time.sleep(0.5); go.touch()
     for p in procs:
         out, err = p.communicate(timeout=240)
         assert p.returncode == 0, err[-2000:]
-    reg = Registry(ws, actor='checker')
+    reg = Registry(ws, actor='checker', env={AUDIT_PUBKEY_ENV: str(key.public_key), AUDIT_HEAD_ENV: str(key.private_key.with_suffix('.head'))})
     versions = reg.versions('shelf-cls')
     total = workers * n
     assert [v.version for v in versions] == list(range(1, total + 1))  # none lost, none repeated
@@ -86,8 +93,10 @@ def test_eight_processes_register_and_move_aliases_at_once(tmp_path):
         assert [Path(v.artifact).name for v in mine] == [f'{w}-{j}.ckpt' for j in range(n)]
         assert {v.created_by for v in mine} == {f'worker{w}'}
     rep = reg.verify()
-    assert rep.ok, str(rep)
+    assert rep.ok and rep.signed_by == key.key_id and rep.note == '', str(rep)
     assert rep.entries == 2 * total  # one register and one set_alias entry per step, nothing else
+    assert raw(ws, 'SELECT COUNT(*) FROM audit_signatures') == [(2 * total,)]
+    assert [h['seq'] for h in json.loads(key.private_key.with_suffix('.head').read_text()).values()] == [2 * total]
     entries = reg.audit()
     assert [e.seq for e in entries] == list(range(1, 2 * total + 1))
     assert sorted(e.action for e in entries) == ['register'] * total + ['set_alias'] * total
@@ -142,6 +151,141 @@ def test_deleting_the_newest_entries_and_swapping_rows_is_detected(tmp_path):
     raw(ws2, 'UPDATE audit SET seq = 2 WHERE seq = 3'); raw(ws2, 'UPDATE audit SET seq = 3 WHERE seq = -2')
     rep = r2.verify()
     assert (rep.ok, rep.broken_seq) == (False, 2)
+
+# ---- signed audit chain ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def audit_key(tmp_path):
+    "An audit key pair outside the workspace (tmp_path/'ws'), as `retail-cv keys generate --out` writes it."
+    return generate_signing_key(tmp_path/'keys'/'audit.key')
+
+
+def signer_env(k) -> dict: return {AUDIT_KEY_ENV: str(k.private_key)}
+
+
+def auditor_env(k) -> dict:
+    "A verifier's environment: the pinned public key and the head file, no private key."
+    return {AUDIT_PUBKEY_ENV: str(k.public_key), AUDIT_HEAD_ENV: str(k.private_key.with_suffix('.head'))}
+
+
+def rechain(ws: Path, edit) -> None:
+    "Rewrite the audit log as `edit(rows)` returns it and recompute every hash and the head: a consistent forgery."
+    with sqlite3.connect(db_path(ws)) as db:
+        db.row_factory = sqlite3.Row
+        rows = [dict(r) for r in db.execute('SELECT * FROM audit ORDER BY seq')]
+        db.execute('DROP TRIGGER IF EXISTS audit_no_delete')
+        db.execute('DELETE FROM audit')
+        prev = GENESIS
+        for seq, e in enumerate(edit(rows), 1):
+            e.update(seq=seq, prev_hash=prev); e['hash'] = prev = _entry_hash(e)
+            db.execute(f"INSERT INTO audit ({', '.join(e)}) VALUES ({', '.join('?' * len(e))})", list(e.values()))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'audit_head'", (f'{seq}:{prev}',))
+    db.close()
+
+
+def test_a_valid_signed_chain_passes_and_the_wrong_key_fails(ws, tmp_path, audit_key, caplog):
+    caplog.set_level(logging.DEBUG)
+    reg = Registry(ws, actor='alice', env=signer_env(audit_key))
+    _history(reg, tmp_path)
+    assert raw(ws, 'SELECT seq FROM audit_signatures') == [(s,) for s in range(1, 6)]  # every entry, the refusal too
+    rep = Registry(ws, actor='auditor', env=auditor_env(audit_key)).verify()
+    assert (rep.ok, rep.entries, rep.signed_by, rep.note) == (True, 5, audit_key.key_id, '')
+    other = generate_signing_key(tmp_path/'other'/'audit.key')
+    rep = Registry(ws, actor='auditor', audit_pubkey=other.public_key).verify()
+    assert (rep.ok, rep.broken_seq) == (False, 1) and f'signed by key {audit_key.key_id}, not by the pinned key {other.key_id}' in rep.problem
+    with pytest.raises(ConfigError, match='is not the pinned audit public key'):
+        Registry(ws, audit_key=audit_key.private_key, audit_pubkey=other.public_key)
+    with pytest.raises(ConfigError, match='is inside the workspace'):
+        Registry(ws, audit_key=generate_signing_key(ws/'keys'/'audit.key').private_key)
+    # without a pinned key the chain is checked and said to be unsigned, not silently ok
+    rep = Registry(ws, actor='auditor', env={}).verify()
+    assert rep.ok and not rep.signed_by and rep.note.startswith('UNSIGNED') and 'UNSIGNED' in str(rep)
+    # the private key is nowhere: not in the database, the head file, the logs or a repr
+    pem = audit_key.private_key.read_text()
+    secret = pem.split('-----')[2].strip()  # the base64 body
+    files = b''.join(p.read_bytes() for p in db_path(ws).parent.glob('registry.db*'))
+    assert secret.encode() not in files and secret not in audit_key.private_key.with_suffix('.head').read_text()
+    assert secret not in caplog.text and secret not in repr(reg) and secret not in repr(reg._audit)
+
+
+def test_a_consistent_rewrite_is_caught(ws, tmp_path, audit_key):
+    _history(Registry(ws, actor='alice', env=signer_env(audit_key)), tmp_path)
+    def passed(rows):  # the refused promotion (entry 4) becomes a passed one
+        rows[3]['details'] = rows[3]['details'].replace('"failed"', '"passed"'); rows[3]['outcome'] = 'ok'
+        return rows
+    rechain(ws, passed)
+    assert Registry(ws, env={}).verify().ok  # the hash chain alone is fooled
+    rep = Registry(ws, env=auditor_env(audit_key)).verify()
+    assert (rep.ok, rep.broken_seq) == (False, 4) and 'the chain was rewritten after it was signed' in rep.problem
+    # deleting the signatures from the forged entry on does not help, nor does deleting them all
+    raw(ws, 'DELETE FROM audit_signatures WHERE seq >= 4', drop_triggers=True, signatures=True)
+    rep = Registry(ws, env=auditor_env(audit_key)).verify()
+    assert (rep.ok, rep.broken_seq) == (False, 4) and 'it is unsigned though earlier entries are signed' in rep.problem
+    raw(ws, 'DELETE FROM audit_signatures', drop_triggers=True, signatures=True)  # (each session re-creates the triggers)
+    rep = Registry(ws, env=auditor_env(audit_key)).verify()
+    assert (rep.ok, rep.broken_seq) == (False, 5) and 'no entry is signed' in rep.problem
+
+
+def test_a_reorder_with_recomputed_hashes_is_caught(ws, tmp_path, audit_key):
+    _history(Registry(ws, actor='alice', env=signer_env(audit_key)), tmp_path)
+    rechain(ws, lambda rows: [rows[0], rows[2], rows[1], *rows[3:]])  # the promotion before the second registration
+    assert Registry(ws, env={}).verify().ok
+    rep = Registry(ws, env=auditor_env(audit_key)).verify()
+    assert (rep.ok, rep.broken_seq) == (False, 2), str(rep)
+
+
+def test_a_truncation_back_to_an_older_head_is_caught(ws, tmp_path, audit_key, cli):
+    _history(Registry(ws, actor='alice', env=signer_env(audit_key)), tmp_path)
+    head = json.loads(audit_key.private_key.with_suffix('.head').read_text())
+    assert [h['seq'] for h in head.values()] == [5]
+    rechain(ws, lambda rows: rows[:3])  # cut the refusal and the tag off; their signatures stay behind
+    rep = Registry(ws, env={AUDIT_PUBKEY_ENV: str(audit_key.public_key)}).verify()  # even without the head file
+    assert (rep.ok, rep.broken_seq) == (False, 4) and 'entry 5 was signed but the log ends at entry 3' in rep.problem
+    raw(ws, 'DELETE FROM audit_signatures WHERE seq > 3', drop_triggers=True, signatures=True)  # a careful truncation
+    rep = Registry(ws, env={AUDIT_PUBKEY_ENV: str(audit_key.public_key)}).verify()
+    assert rep.ok and 'a truncation back to an older signed head would not be seen' in rep.note  # the limit, said
+    rep = Registry(ws, env=auditor_env(audit_key)).verify()
+    assert (rep.ok, rep.broken_seq) == (False, 4) and 'the log ends at entry 3 but the head file' in rep.problem
+    r = cli('registry', 'verify', env={'COLUMNS': '300', **auditor_env(audit_key)})
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(err) == 1 and 'the log was truncated' in err[0], r.stderr
+
+
+def test_denials_are_signed_and_keyless_writers_refused(ws, tmp_path, audit_key):
+    reg = Registry(ws, actor='alice', env=signer_env(audit_key))
+    admin = reg.create_token('alice', 'admin')
+    viewer = Registry(ws, token=Registry(ws, token=admin, env=signer_env(audit_key)).create_token('vic', 'viewer'),
+                      env=signer_env(audit_key))
+    with pytest.raises(PermissionDeniedError, match="viewer 'vic' may not register m"):
+        viewer.register('m', artifact(tmp_path, 'a.ckpt'))
+    last = raw(ws, 'SELECT seq, outcome FROM audit ORDER BY seq DESC LIMIT 1')[0]
+    assert last[1] == 'denied' and raw(ws, 'SELECT MAX(seq) FROM audit_signatures') == [(last[0],)]
+    assert Registry(ws, token=admin, env=auditor_env(audit_key)).verify().ok
+    # a session without the key may read, but may not append to a signed log (not even a denial)
+    keyless = Registry(ws, token=admin, env={})
+    assert keyless.verify().ok and len(keyless.audit()) == 3
+    with pytest.raises(RegistryError, match='has no audit key: set \\$RETAIL_CV_AUDIT_KEY'):
+        keyless.register('m', artifact(tmp_path, 'a.ckpt'))
+    with pytest.raises(RegistryError, match='has no audit key'): Registry(ws, token='rcv_' + 'x' * 43, env={}).get('m')
+    assert raw(ws, 'SELECT COUNT(*) FROM audit') == [(3,)] and raw(ws, 'SELECT COUNT(*) FROM versions') == [(0,)]
+
+
+def test_signing_set_up_later_covers_the_older_entries(ws, tmp_path, audit_key, cli):
+    _history(Registry(ws, actor='alice', env={}), tmp_path)  # five unsigned entries
+    rep = Registry(ws, env=auditor_env(audit_key)).verify()
+    assert (rep.ok, rep.broken_seq) == (False, 5) and 'no entry is signed' in rep.problem
+    r = cli('registry', 'verify', '--require-signed', env={'COLUMNS': '300'})
+    assert r.returncode == 1 and 'the audit log is not signed: UNSIGNED' in r.stderr
+    Registry(ws, actor='alice', env=signer_env(audit_key)).set_tag('m', 2, 'owner', 'ops')
+    rep = Registry(ws, env=auditor_env(audit_key)).verify()
+    assert rep.ok and rep.signed_by == audit_key.key_id, str(rep)
+    r = cli('registry', 'verify', '--require-signed', env={'COLUMNS': '300', **auditor_env(audit_key)})
+    assert r.returncode == 0 and f'signed by key {audit_key.key_id}' in r.stdout, r.stderr
+    rechain(ws, lambda rows: [{**rows[0], 'reason': 'forged'}, *rows[1:]])  # a rewrite of an unsigned entry
+    rep = Registry(ws, env=auditor_env(audit_key)).verify()
+    assert (rep.ok, rep.broken_seq) == (False, 6) and 'rewritten' in rep.problem  # the first signature covers it
+
 
 # ---- roles and tokens ------------------------------------------------------------------------------------------
 

@@ -44,7 +44,27 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path):
     generate_shelves(tmp_path/'c', images=10, seed=4, skus=30)
     hc = file_hashes(tmp_path/'c')
     assert all(hc[f'images/{i:06d}.jpg'] != ha[f'images/{i:06d}.jpg'] for i in range(10))
-    for name in ('annotations.json', 'planogram.json', 'prices.csv'): assert hc[name] != ha[name]
+    for name in ('annotations.json', 'planogram.json'): assert hc[name] != ha[name]
+    assert hc['prices.csv'] == ha['prices.csv']  # the catalogue has its own seed
+
+
+def test_layout_seeds_share_the_catalogue_and_class_list(tmp_path):
+    "Seeds 100 and 999 draw other shelves of the same products: train on one, evaluate on the other."
+    generate_shelves(tmp_path/'a', images=2, seed=100); generate_shelves(tmp_path/'b', images=2, seed=999)
+    a, b = read_coco(tmp_path/'a'/'annotations.json'), read_coco(tmp_path/'b'/'annotations.json')
+    assert [c.name for c in a.categories] == [c.name for c in b.categories] and len(a.categories) == SynthConfig().skus + 2
+    assert (tmp_path/'a'/'prices.csv').read_bytes() == (tmp_path/'b'/'prices.csv').read_bytes()
+    assert (tmp_path/'a'/'images'/'000000.jpg').read_bytes() != (tmp_path/'b'/'images'/'000000.jpg').read_bytes()
+    generate_shelves(tmp_path/'c', images=2, seed=100, catalogue_seed=1)
+    assert (tmp_path/'c'/'prices.csv').read_bytes() != (tmp_path/'a'/'prices.csv').read_bytes()
+
+
+def test_kinds_labels_are_product_gap_price_tag(tmp_path):
+    s = generate_shelves(tmp_path/'k', images=3, seed=100, labels='kinds')
+    ds = read_coco(tmp_path/'k'/'annotations.json')
+    assert [(c.id, c.name) for c in ds.categories] == [(1, 'product'), (2, 'gap'), (3, 'price_tag')]
+    assert Counter(a.category_id for a in ds.annotations) == {1: s.products, 2: s.gaps, 3: s.price_tags}
+    assert json.loads((tmp_path/'k'/'synth.json').read_text())['config']['labels'] == 'kinds'
 
 
 def test_worker_processes_write_the_same_files(tmp_path):
@@ -77,7 +97,7 @@ def test_price_tags_decode_from_their_coco_boxes(dataset):
     coco = json.loads((out/'annotations.json').read_text())
     tag_cat = next(c['id'] for c in coco['categories'] if c['name'] == 'price_tag')
     files = {im['id']: im['file_name'] for im in coco['images']}
-    prices = {r['sku']: r for r in csv.DictReader(open(out/'prices.csv', newline=''))}
+    prices = {r['sku']: r for r in csv.DictReader((out/'prices.csv').read_text().splitlines())}
     decoded, total = Counter(), Counter()
     for im_id, file_name in files.items():
         img = cv2.imread(str(out/file_name), cv2.IMREAD_COLOR)
@@ -128,7 +148,7 @@ def test_annotations_are_inside_the_image_and_consistent_with_the_planogram(data
     ds = read_coco(out/'annotations.json')
     names = ds.category_names
     cats = {c.name: c.id for c in ds.categories}
-    prices = {r['sku']: r for r in csv.DictReader(open(out/'prices.csv', newline=''))}
+    prices = {r['sku']: r for r in csv.DictReader((out/'prices.csv').read_text().splitlines())}
     assert len(prices) == SynthConfig().skus
     assert {names[i] for i in range(1, len(prices) + 1)} == {r['name'] for r in prices.values()}
     assert list(names.values())[-2:] == ['gap', 'price_tag']

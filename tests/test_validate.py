@@ -251,3 +251,55 @@ def test_drop_duplicate_image_ids_lists_each_record(tmp_path):
     assert [(d['id'], d['file_name'], d['where']) for d in dropped['images']] == \
            [(2, 'img/b.jpg', 'annotations.json: images[1]'), (2, 'img/c.jpg', 'annotations.json: images[2]')]
     assert sorted(d['id'] for d in dropped['annotations']) == [2, 3] and r.kept == {'images': 1, 'annotations': 1}
+
+
+def test_declared_sizes_and_field_ranges_are_checked(tmp_path):
+    "A negative declared width is checked against the file; out-of-range ids, iscrowd and names are errors that drop their record."
+    root = tmp_path/'ds'; coco = clean_coco(root)
+    image(coco, 1)['width'] = -1                      # the file is 64 px wide
+    coco['categories'].append({'id': 3, 'name': ' '})  # an empty name
+    ann(coco, 0)['iscrowd'] = 2
+    coco['annotations'].append({'id': 4, 'image_id': 3, 'category_id': 3, 'bbox': [1, 1, 5, 5]})
+    write(root, coco)
+    r = validate_dataset(root, policy='drop', out=tmp_path/'clean')
+    assert r.counts == {'invalid_annotation_field': 1, 'invalid_category_field': 1, 'invalid_image_field': 1, 'unknown_category': 1}, str(r)
+    w = next(p for p in r.problems if p.code == 'invalid_image_field')
+    assert (w.file, w.field, w.image_id) == ('img/b.jpg', 'width/height', 2) and w.message == 'declared size -1x48 is negative; the image is 64x48'
+    c = next(p for p in r.problems if p.code == 'invalid_category_field')
+    assert (c.where, c.field, c.message) == ('categories[2]', 'name', 'category id 3 has an empty name')
+    i = next(p for p in r.problems if p.code == 'invalid_annotation_field')
+    assert (i.annotation_id, i.field, i.message) == (1, 'iscrowd', 'iscrowd is 2, expected 0 or 1')
+    assert r.kept == {'images': 2, 'annotations': 1} and r.dropped['categories'] == 1
+    clean = load_dataset(tmp_path/'clean')
+    assert [c.id for c in clean.categories] == [1, 2] and [a.id for a in clean.annotations] == [3]
+
+
+@pytest.mark.parametrize('where, field, value, message', [
+    ('categories', 'name', None, r"categories\[0\] \(id 1\) field 'name' must be a string, got null"),
+    ('images', 'width', '64', r"images\[1\] \(id 2\) field 'width' must be an integer, got '64'"),
+    ('images', 'file_name', 7, r"images\[1\] \(id 2\) field 'file_name' must be a string, got 7"),
+    ('annotations', 'bbox', [0, 0, '5', 5], r"annotations\[1\] \(id 2, image id 2\) field 'bbox' must be a list of numbers"),
+    ('annotations', 'area', 'big', r"annotations\[1\] \(id 2, image id 2\) field 'area' must be a number, got 'big'"),
+    ('annotations', 'category_id', True, r"annotations\[1\] \(id 2, image id 2\) field 'category_id' must be an integer, got True"),
+])
+def test_field_types_are_checked(tmp_path, where, field, value, message):
+    "A field of the wrong JSON type makes the file unparseable, naming the record by position and by id."
+    root = tmp_path/'ds'; coco = clean_coco(root)
+    coco[where][0 if where == 'categories' else 1][field] = value
+    write(root, coco)
+    with pytest.raises(DataError, match=message): load_dataset(root)
+    r = validate_dataset(root)
+    assert r.counts == {'unparseable': 1} and r.exit_code == 1
+
+
+def test_bad_annotation_is_located_by_index_and_ids(tmp_path):
+    "Table rows and str() give an annotation's array index, its id and its image's id."
+    root = tmp_path/'ds'; coco = clean_coco(root)
+    ann(coco, 2)['id'] = 30; ann(coco, 2)['bbox'] = [60, 5, 10, 10]
+    write(root, coco)
+    (p,) = validate_dataset(root).problems
+    assert p.location == 'annotations.json: annotations[2] (id 30, image id 3)'
+    assert str(p).startswith('error box_out_of_bounds: img/c.jpg, annotations.json: annotations[2] (id 30, image id 3): ')
+    from rich.console import Console
+    con = Console(width=400, record=True); con.print(validate_dataset(root).rich_table())
+    assert 'annotations.json: annotations[2] (id 30, image id 3)' in con.export_text()

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,22 @@ import retail_cv
 from ..core import ConfigError, RetailCVError, Settings, Workspace, load_settings
 
 # %% auto #0
-__all__ = ['console', 'err_console', 'app', 'print_json', 'table', 'progress', 'Default', 'given', 'parse_pairs',
+__all__ = ['console', 'err_console', 'app', 'make_console', 'print_json', 'table', 'progress', 'Default', 'given', 'parse_pairs',
            'quiet_lightning', 'State', 'root', 'workspace', 'main', 'version']
 
 # %% ../../nbs/90_cli_app.ipynb #5fe53780
-console = Console()  # results
-err_console = Console(stderr=True)  # notes, warnings, progress and errors
+_UNWRAPPED = 1_000_000  # columns of a console writing to a pipe or a file: in effect, no limit
+
+def make_console(stderr: bool = False,  # write to stderr instead of stdout
+                ) -> Console:
+    "A rich console; on a pipe or a file (CI logs, scripts) lines are never wrapped, so paths and ids stay whole."
+    c = Console(stderr=stderr)
+    if c.is_terminal or c.is_jupyter: return c  # a person reads it: wrap to the window
+    return Console(stderr=stderr, width=_UNWRAPPED, soft_wrap=True)
+
+# %% ../../nbs/90_cli_app.ipynb #aafe86fd
+console = make_console()  # results
+err_console = make_console(stderr=True)  # notes, warnings, progress and errors
 
 # %% ../../nbs/90_cli_app.ipynb #a67a41a8
 def print_json(obj: Any,  # anything `json.dumps` takes; other objects print as `str`

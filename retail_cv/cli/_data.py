@@ -28,7 +28,9 @@ app.add_typer(data_app, name='data')
 def data_synth(ctx: typer.Context,
                out: Path = typer.Option(..., '--out', help="Folder to write (empty or absent unless --overwrite)"),
                images: int = typer.Option(Default('retail_cv.data.synth:SynthConfig.images'), help="Number of images"),
-               seed: int = typer.Option(Default('retail_cv.data.synth:SynthConfig.seed'), help="Seed; same seed and options give byte-identical output"),
+               seed: int = typer.Option(Default('retail_cv.data.synth:SynthConfig.seed'), help="Seed of layouts and pictures; same seed and options give byte-identical output"),
+               catalogue_seed: int = typer.Option(Default('retail_cv.data.synth:SynthConfig.catalogue_seed'), help="Seed of the product catalogue, shared by every --seed"),
+               labels: str = typer.Option(Default('retail_cv.data.synth:SynthConfig.labels'), help="Product labels: sku (one class each) or kinds (product, gap, price_tag)"),
                width: int = typer.Option(Default('retail_cv.data.synth:SynthConfig.width'), help="Image width in pixels"),
                height: int = typer.Option(Default('retail_cv.data.synth:SynthConfig.height'), help="Image height in pixels"),
                skus: int = typer.Option(Default('retail_cv.data.synth:SynthConfig.skus'), help="SKUs in the catalogue"),
@@ -43,7 +45,7 @@ def data_synth(ctx: typer.Context,
     bar, update = progress('rendering shelves')
     with bar:
         s = generate_shelves(out, options, workers=workers, overwrite=overwrite, progress=update,
-                             **given(ctx, images=images, seed=seed, width=width, height=height, skus=skus, symbology=symbology, gap_prob=gap_prob))
+                             **given(ctx, images=images, seed=seed, catalogue_seed=catalogue_seed, labels=labels, width=width, height=height, skus=skus, symbology=symbology, gap_prob=gap_prob))
     console.print(f"{s.images} images ({s.products} products, {s.gaps} gaps, {s.price_tags} price tags) "
                   f"written to {s.out_dir} at {s.images_per_s:.1f} images/s", highlight=False)
 

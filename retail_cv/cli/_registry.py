@@ -26,7 +26,8 @@ __all__ = ['registry_app', 'token_app', 'registry', 'parse_numbers', 'json_value
            'token_create', 'token_list', 'token_revoke']
 
 # %% ../../nbs/96_cli_registry.ipynb #9d470f14
-registry_app = typer.Typer(no_args_is_help=True, help="Model registry: versions, aliases, promotion gate, lineage, cards, audit log (token: $RETAIL_CV_TOKEN).")
+registry_app = typer.Typer(no_args_is_help=True, help="Model registry: versions, aliases, promotion gate, lineage, cards, signed audit log "
+                           "(token: $RETAIL_CV_TOKEN; audit key: $RETAIL_CV_AUDIT_KEY, pinned public key: $RETAIL_CV_AUDIT_PUBKEY).")
 app.add_typer(registry_app, name='registry')
 
 # %% ../../nbs/96_cli_registry.ipynb #17b233a6
@@ -208,15 +209,16 @@ def registry_audit(ctx: typer.Context, limit: int = typer.Option(20, '--limit', 
 
 # %% ../../nbs/96_cli_registry.ipynb #e3c438c6
 @registry_app.command('verify')
-def registry_verify(ctx: typer.Context, as_json: bool = typer.Option(False, '--json', help="Print the report as JSON")):
-    "Check the audit log's hash chain; exit 1 naming the first broken entry."
+def registry_verify(ctx: typer.Context, as_json: bool = typer.Option(False, '--json', help="Print the report as JSON"),
+                    require_signed: bool = typer.Option(False, '--require-signed', help="Exit 1 unless the signatures were checked against a pinned audit key ($RETAIL_CV_AUDIT_PUBKEY)")):
+    "Check the audit log's hash chain and, with a pinned audit key, its signatures; exit 1 naming the first broken entry."
     rep = registry(ctx).verify()
     if as_json: print_json(rep.__dict__)
-    elif rep.ok: console.print(f"[green]ok[/]: {rep}", highlight=False)
-    if not rep.ok:
-        if as_json: raise typer.Exit(1)
-        from retail_cv.core import IntegrityError
-        raise IntegrityError(str(rep))
+    elif rep.ok: console.print(f"[green]ok[/]: {rep}" if rep.signed_by else f"[yellow]warning[/]: {rep}", highlight=False)
+    if rep.ok and (rep.signed_by or not require_signed): return
+    if as_json: raise typer.Exit(1)
+    from retail_cv.core import IntegrityError
+    raise IntegrityError(str(rep) if not rep.ok else f"the audit log is not signed: {rep.note}")
 
 # %% ../../nbs/96_cli_registry.ipynb #2f7ee4a0
 @registry_app.command('lineage')

@@ -40,11 +40,14 @@ PROBLEM_CODES: dict[str, tuple[str, str]] = {  # code -> (scope, what it means)
     'size_mismatch': ('image', "the annotated width/height differ from the image's"),
     'exif_rotated': ('image', "the annotated size is the stored size of an EXIF-rotated image, not its displayed size"),
     'duplicate_image_id': ('image', "two images share an id (all of them are ambiguous)"),
+    'invalid_image_field': ('image', "a field is out of range: a negative id, width or height"),
     'exif_orientation': ('image', "warning: EXIF orientation is set but the sizes cannot tell which way the boxes were drawn"),
     'duplicate_category_id': ('category', "a later category reuses an id"),
+    'invalid_category_field': ('category', "a negative id or an empty name (annotations of it count as unknown)"),
     'duplicate_annotation_id': ('annotation', "a later annotation reuses an id"),
     'unknown_image': ('annotation', "the annotation's image id is not among the images"),
     'unknown_category': ('annotation', "the annotation's category id is not among the categories"),
+    'invalid_annotation_field': ('annotation', "a field is out of range: a negative id, or iscrowd not 0 or 1"),
     'label_mismatch': ('annotation', "the label contradicts the class list (e.g. a wrong coarse class)"),
     'box_malformed': ('annotation', "the box is not four numbers"),
     'box_not_finite': ('annotation', "the box has a NaN or infinite value"),
@@ -70,8 +73,14 @@ class Problem:
     @property
     def scope(self) -> str: return PROBLEM_CODES[self.code][0]
 
+    @property
+    def location(self) -> str:
+        "`where`, followed by the ids of the annotation and its image: found by position or by id."
+        ids = ', '.join(f'{k} {v}' for k, v in (('id', self.annotation_id), ('image id', self.image_id)) if v is not None)
+        return f'{self.where} ({ids})' if self.where and ids else self.where or ids
+
     def __str__(self) -> str:
-        loc = ', '.join(x for x in (self.file, self.where) if x)
+        loc = ', '.join(x for x in (self.file, self.location) if x)
         return f"{self.severity} {self.code}: {loc}: {self.message}" if loc else f"{self.severity} {self.code}: {self.message}"
 
 # %% ../../nbs/14_validate.ipynb #3d2e2376
@@ -124,6 +133,8 @@ def _check_size(im: ImageRecord, st: _ImageState, raw: tuple[int, int], orient: 
     "Compare the annotated size of a decoded image with its real one: set `st.size` or add an error; return a warning."
     shown = (raw[1], raw[0]) if orient in (5, 6, 7, 8) else raw
     given = (im.width, im.height)
+    if im.width < 0 or im.height < 0:
+        st.error(im, 'invalid_image_field', f'declared size {given[0]}x{given[1]} is negative; the image is {shown[0]}x{shown[1]}', 'width/height')
     if given == (0, 0) or im.width <= 0 or im.height <= 0: st.size = shown
     elif given == shown:
         if orient != 1 and raw == shown and has_boxes:
@@ -142,6 +153,7 @@ def _check_images(ds: Dataset, workers: int, progress: Callable[[int, int], None
     ids, todo = Counter(im.id for im in ds.images), []
     for i, (im, st) in enumerate(zip(ds.images, states)):
         if ids[im.id] > 1: st.error(im, 'duplicate_image_id', f'image id {im.id} is used by {ids[im.id]} images', 'id')
+        if im.id < 0: st.error(im, 'invalid_image_field', f'image id {im.id} is negative', 'id')
         if (pp := _path_problem(ds.root, im)) is not None: st.error(im, *pp)
         else: todo.append(i)
     has_boxes, warnings = {a.image_id for a in ds.annotations if a.bbox is not None}, []
@@ -169,16 +181,32 @@ def _box_problem(box: Any, size: tuple[int, int], tol: float) -> tuple[str, str]
         return 'box_out_of_bounds', f'bbox spans x {x:g}..{x + w:g}, y {y:g}..{y + h:g}, outside the {W}x{H} image'
     return None
 
+# %% ../../nbs/14_validate.ipynb #5023dfe7
+def _category_flaw(c: Category) -> str | None:
+    "What is out of range in a category record, or None."
+    if c.id < 0: return f'category id {c.id} is negative'
+    if not c.name.strip(): return f'category id {c.id} has an empty name'
+    return None
+
 # %% ../../nbs/14_validate.ipynb #f7e758df
 def _category_problems(ds: Dataset) -> tuple[list[Problem], set[int]]:
-    "Problems with the category list, and the category ids it defines."
-    problems, seen = [], set()
+    "Problems with the category list, and the (valid) category ids it defines."
+    problems, seen, bad = [], set(), set()
     for i, c in enumerate(ds.categories):
         if c.id in seen:
             problems.append(Problem('duplicate_category_id', '', f'category {c.name!r} reuses id {c.id}; the first entry with that id is kept',
                                     f'categories[{i}]', 'id'))
+        elif (flaw := _category_flaw(c)) is not None:
+            problems.append(Problem('invalid_category_field', '', flaw, f'categories[{i}]', 'id' if c.id < 0 else 'name')); bad.add(c.id)
         seen.add(c.id)
-    return problems, seen
+    return problems, seen - bad
+
+# %% ../../nbs/14_validate.ipynb #196a2d0c
+def _annotation_flaw(a: Annotation) -> tuple[str, str] | None:
+    "(field, message) for what is out of range in an annotation's ids or iscrowd, or None."
+    for f in ('id', 'image_id', 'category_id'):
+        if getattr(a, f) < 0: return f, f"{f.replace('_', ' ')} {getattr(a, f)} is negative"
+    return ('iscrowd', f'iscrowd is {a.iscrowd}, expected 0 or 1') if a.iscrowd not in (0, 1) else None
 
 # %% ../../nbs/14_validate.ipynb #01ce6e16
 def _check_annotations(ds: Dataset, states: list[_ImageState], tol: float) -> tuple[list[list[Problem]], list[Problem]]:
@@ -192,8 +220,9 @@ def _check_annotations(ds: Dataset, states: list[_ImageState], tol: float) -> tu
         P = lambda code, msg, fld: probs.append(Problem(code, fname, msg, a.origin, fld, image_id=a.image_id, annotation_id=a.id))
         if a.id in seen: P('duplicate_annotation_id', f'annotation id {a.id} is already used by annotation #{seen[a.id]}', 'id')
         else: seen[a.id] = k
+        if (flaw := _annotation_flaw(a)) is not None: P('invalid_annotation_field', flaw[1], flaw[0])
         if i is None: P('unknown_image', f'image id {a.image_id} is not among the {len(ds.images)} images', 'image_id')
-        if a.category_id not in cat_ids: P('unknown_category', f'category id {a.category_id} is not among the categories {sorted(cat_ids)[:20]}', 'category_id')
+        if a.category_id not in cat_ids: P('unknown_category', f'category id {a.category_id} is not among the valid categories {sorted(cat_ids)[:20]}', 'category_id')
         unjudgeable = i is not None and states[i].errors and states[i].size == (0, 0)  # broken image of unknown size
         if a.bbox is not None and not unjudgeable and (bp := _box_problem(a.bbox, states[i].size if i is not None else (0, 0), tol)) is not None:
             P(*bp, 'bbox')
@@ -275,7 +304,7 @@ class ValidationReport(_ReportData):
         t = Table(title=self.summary(), show_lines=False)
         for col in ('severity', 'code', 'file', 'where', 'message'): t.add_column(col, overflow='fold')
         for p in self.problems[:max_rows]:
-            t.add_row(f"[{'red' if p.severity == 'error' else 'yellow'}]{p.severity}[/]", p.code, p.file, p.where, p.message)
+            t.add_row(f"[{'red' if p.severity == 'error' else 'yellow'}]{p.severity}[/]", p.code, p.file, p.location, p.message)
         if len(self.problems) > max_rows: t.caption = f"{len(self.problems) - max_rows} more problems not shown"
         return t
 
@@ -317,14 +346,14 @@ def _drop(ds: Dataset, states: list[_ImageState], ann_errors: list[list[Problem]
     kept_anns, dropped_anns = _kept_annotations(ds, ann_errors, bad_images)
     first: dict[int, Category] = {}
     for c in ds.categories: first.setdefault(c.id, c)  # a duplicate id keeps its first entry
-    cats = list(first.values())
+    cats = [c for c in first.values() if _category_flaw(c) is None]
     clean = Dataset(ds.root, ds.task, cats, kept_images, kept_anns, dict(ds.info))  # images are copied from the source root
     save_dataset(clean, out, 'coco', images=images)
     record = {'source': source, 'policy': 'drop',
               'images': [{'id': im.id, 'file_name': im.file_name, 'where': im.origin, 'problems': _reasons(s.errors)}
                          for im, s in zip(ds.images, states) if s.errors],
               'annotations': dropped_anns,
-              'categories': [{'where': p.where, 'problems': _reasons([p])} for p in others if p.code == 'duplicate_category_id'],
+              'categories': [{'where': p.where, 'problems': _reasons([p])} for p in others if p.scope == 'category'],
               'files': [{'file': p.file, 'problems': _reasons([p])} for p in others if p.scope == 'file']}
     atomic_write(out/'dropped.json', json.dumps(record, indent=1))
     return {'images': len(kept_images), 'annotations': len(kept_anns)}, {k: len(v) for k, v in record.items() if isinstance(v, list)}

@@ -8,7 +8,7 @@ Docs: https://retail-cv.github.io/retail_cv/jobs.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/38_jobs.ipynb #d39c202b
+# %% ../../nbs/38_jobs.ipynb #579e3581
 from ._params import (JOBS_ENV, JobParameter, find_job, job_parameters, jobs_dir, list_jobs, parse_params,
                                     parse_parameters, parse_value, validate_params)
 from ._outputs import (RUN_DIR_ENV, hash_artifact, job_dir, job_outputs, job_workspace, new_run_id,

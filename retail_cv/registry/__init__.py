@@ -1,4 +1,4 @@
-"""Numbered model versions with their artifacts' hashes, movable aliases, a promotion gate against the champion, rollback, lineage from dataset to bundle, model cards, role-based tokens and a hash-chained, append-only audit log, all in one SQLite database in the workspace.
+"""Numbered model versions with their artifacts' hashes, movable aliases, a promotion gate against the champion, rollback, lineage from dataset to bundle, model cards, role-based tokens and a hash-chained, signed, append-only audit log, all in one SQLite database in the workspace.
 
 Docs: https://retail-cv.github.io/retail_cv/registry.html.md"""
 
@@ -7,7 +7,8 @@ Docs: https://retail-cv.github.io/retail_cv/registry.html.md"""
 # %% ../../nbs/27_registry.ipynb #dc157862
 from __future__ import annotations
 
-from ._audit import AuditEntry, AuditReport, Identity
+from ._audit import (AUDIT_HEAD_ENV, AUDIT_KEY_ENV, AUDIT_PUBKEY_ENV, AuditEntry, AuditKeys, AuditReport,
+                                       Identity, SignedHead)
 from ._auth import ROLES, TOKEN_ENV, PermissionDeniedError, _AuditLog, _Tokens
 from ._lineage import Lineage, _Cards, plot_lineage
 from ._store import GENESIS, SCHEMA_VERSION, RegistryError
@@ -16,8 +17,9 @@ from ._versions import (ALIASES, BundleRecord, GateError, ModelVersion, Promotio
 
 # %% auto #0
 __all__ = ['Registry', 'RegistryError', 'PermissionDeniedError', 'GateError', 'ROLES', 'ALIASES', 'TOKEN_ENV', 'SCHEMA_VERSION',
-           'GENESIS', 'Identity', 'AuditEntry', 'AuditReport', 'BundleRecord', 'ModelVersion', 'RegisteredModel',
-           'Promotion', 'Lineage', 'split_ref', 'plot_lineage']
+           'GENESIS', 'AUDIT_KEY_ENV', 'AUDIT_PUBKEY_ENV', 'AUDIT_HEAD_ENV', 'Identity', 'AuditEntry', 'AuditReport',
+           'AuditKeys', 'SignedHead', 'BundleRecord', 'ModelVersion', 'RegisteredModel', 'Promotion', 'Lineage',
+           'split_ref', 'plot_lineage']
 
 # %% ../../nbs/27_registry.ipynb #3b7c49f2
 class Registry(_Cards, _Promotions, _Rollback, _Aliases, _Tags, _Versions, _Tokens, _AuditLog):
@@ -25,5 +27,6 @@ class Registry(_Cards, _Promotions, _Rollback, _Aliases, _Tags, _Versions, _Toke
 
 # %% ../../nbs/27_registry.ipynb #14c62f01
 _all_ = ['RegistryError', 'PermissionDeniedError', 'GateError', 'ROLES', 'ALIASES', 'TOKEN_ENV', 'SCHEMA_VERSION',
-         'GENESIS', 'Identity', 'AuditEntry', 'AuditReport', 'BundleRecord', 'ModelVersion', 'RegisteredModel',
-         'Promotion', 'Lineage', 'split_ref', 'plot_lineage']
+         'GENESIS', 'AUDIT_KEY_ENV', 'AUDIT_PUBKEY_ENV', 'AUDIT_HEAD_ENV', 'Identity', 'AuditEntry', 'AuditReport',
+         'AuditKeys', 'SignedHead', 'BundleRecord', 'ModelVersion', 'RegisteredModel', 'Promotion', 'Lineage', 'split_ref',
+         'plot_lineage']

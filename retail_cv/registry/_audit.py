@@ -1,4 +1,4 @@
-"""Who did what, when and why, as a hash chain in the registry database: appending an entry inside a change's transaction, and walking the chain to find the first edited, deleted or reordered entry.
+"""Who did what, when and why, as a hash chain in the registry database, its head signed with an Ed25519 key kept outside the workspace: appending an entry inside a change's transaction, and walking the chain to find the first edited, deleted, reordered, rewritten or truncated entry.
 
 Docs: https://retail-cv.github.io/retail_cv/registry_audit.html.md"""
 
@@ -7,15 +7,27 @@ Docs: https://retail-cv.github.io/retail_cv/registry_audit.html.md"""
 # %% ../../nbs/23_registry_audit.ipynb #3e5068bd
 from __future__ import annotations
 
+import fcntl
+import json
+import logging
+import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Mapping
 
-from ..core import canonical_json, sha256_bytes, utc_now
-from ._store import GENESIS
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from ..bundle import load_public_keys, load_signing_key, public_key_id
+from ..core import ConfigError, atomic_write, canonical_json, sha256_bytes, utc_now
+from ._store import GENESIS, RegistryError
+
+_log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['Identity', 'AuditEntry', 'AuditReport']
+__all__ = ['AUDIT_KEY_ENV', 'AUDIT_PUBKEY_ENV', 'AUDIT_HEAD_ENV', 'Identity', 'AuditEntry', 'AuditReport', 'SignedHead',
+           'AuditKeys']
 
 # %% ../../nbs/23_registry_audit.ipynb #b22275fd
 @dataclass(frozen=True)
@@ -56,15 +68,18 @@ class AuditEntry:
 @dataclass(frozen=True)
 class AuditReport:
     "What `Registry.verify` found."
-    ok: bool  # True when every entry checks and the chain ends at the recorded head
+    ok: bool  # True when every entry checks, the chain ends at the recorded head and (with a pinned key) is signed
     entries: int  # entries in the log
-    head: str  # hash of the last entry (write it down elsewhere to detect a rewrite of the whole chain)
+    head: str  # hash of the last entry
     broken_seq: int | None = None  # the first entry that does not check
     problem: str = ''  # what is wrong with it
+    signed_by: str = ''  # id of the pinned key every signature verified with; '' when signatures were not checked
+    note: str = ''  # what the check could not cover (an unsigned chain, no head file)
 
     def __str__(self) -> str:
-        if self.ok: return f"audit log intact: {self.entries} entries, head {self.head[:16]}"
-        return f"audit log broken at entry {self.broken_seq}: {self.problem}"
+        if not self.ok: return f"audit log broken at entry {self.broken_seq}: {self.problem}"
+        signed = f", signed by key {self.signed_by}" if self.signed_by else ''
+        return f"audit log intact: {self.entries} entries, head {self.head[:16]}{signed}" + (f"; {self.note}" if self.note else '')
 
 # %% ../../nbs/23_registry_audit.ipynb #6ee7f93e
 def _entry_problem(row: sqlite3.Row, n: int, prev: str) -> str | None:
@@ -87,3 +102,197 @@ def _verify_chain(db: sqlite3.Connection) -> AuditReport:
         return AuditReport(False, n, prev, n + 1, f"the log ends at entry {n} but the recorded head is entry {recorded}: "
                                                   "the newest entries were deleted, or the head was edited")
     return AuditReport(True, n, prev)
+
+# %% ../../nbs/23_registry_audit.ipynb #0ba131ea
+AUDIT_KEY_ENV = 'RETAIL_CV_AUDIT_KEY'  # PEM private key file (or its text) that signs each new audit head; outside the workspace
+
+# %% ../../nbs/23_registry_audit.ipynb #83d13709
+AUDIT_PUBKEY_ENV = 'RETAIL_CV_AUDIT_PUBKEY'  # pinned public key file(s) `verify` checks against (default: the audit key's)
+
+# %% ../../nbs/23_registry_audit.ipynb #39dd24bf
+AUDIT_HEAD_ENV = 'RETAIL_CV_AUDIT_HEAD'  # file holding the newest signed head (default: the key file with suffix .head)
+
+# %% ../../nbs/23_registry_audit.ipynb #52bdb17c
+_HEAD_DOMAIN = b'retail_cv audit head v1\n'  # the signed bytes start with this, so the signature means nothing else
+
+@dataclass(frozen=True)
+class SignedHead:
+    "An Ed25519 signature over the audit chain's head at one entry of one registry."
+    registry: str  # the registry's random id (meta `registry_id`)
+    seq: int  # the entry whose hash is the head
+    head: str  # that entry's hash
+    signed_at: str  # when it was signed (UTC)
+    key_id: str  # `public_key_id` of the signing key
+    signature: str  # hex Ed25519 signature of `message()`
+
+    def message(self) -> bytes:
+        "The bytes the signature covers."
+        return _HEAD_DOMAIN + canonical_json({'registry': self.registry, 'seq': self.seq, 'head': self.head, 'signed_at': self.signed_at})
+
+    def problem(self, pinned: Mapping[str, Ed25519PublicKey]) -> str | None:
+        "What is wrong with the signature, checked against the pinned keys by id (None when it verifies)."
+        if self.key_id not in pinned: return f"it is signed by key {self.key_id}, not by the pinned key {', '.join(pinned)}"
+        try: pinned[self.key_id].verify(bytes.fromhex(self.signature), self.message())
+        except (InvalidSignature, ValueError):
+            return f"its signature does not verify with the pinned key {self.key_id}: the signature, its time or its head was edited"
+        return None
+
+# %% ../../nbs/23_registry_audit.ipynb #9fc75c6f
+def _sign_head(key: Ed25519PrivateKey, registry: str, seq: int, head: str) -> SignedHead:
+    "Sign the head `head` at entry `seq` of `registry` now."
+    h = SignedHead(registry, seq, head, utc_now(), public_key_id(key), '')
+    return replace(h, signature=key.sign(h.message()).hex())
+
+# %% ../../nbs/23_registry_audit.ipynb #1f5e66eb
+@dataclass(frozen=True)
+class AuditKeys:
+    "What a registry session signs audit heads with, verifies them against, and records the newest head in."
+    key: Ed25519PrivateKey | None = None  # signs every entry the session appends; None: entries are unsigned
+    pinned: Mapping[str, Ed25519PublicKey] | None = None  # public keys by id that `verify` accepts; empty: unchecked
+    head_file: Path | None = None  # JSON file of the newest signed head of each registry
+
+    def __repr__(self) -> str:  # key ids only, never key material
+        signer = public_key_id(self.key) if self.key else None
+        return f"AuditKeys(key={signer}, pinned={sorted(self.pinned or {})}, head_file={self.head_file})"
+
+# %% ../../nbs/23_registry_audit.ipynb #f845ecaf
+def _key_file(source: Any) -> Path | None:
+    "The file a key source names (None for a key object or PEM text)."
+    if not isinstance(source, (str, os.PathLike)) or str(source).lstrip().startswith('-----BEGIN'): return None
+    return Path(source).expanduser()
+
+# %% ../../nbs/23_registry_audit.ipynb #1ab99984
+def _outside(source: Any, root: Path, what: str) -> None:
+    "Refuse a key or head file inside the workspace `root`: whoever can write the database could replace it too."
+    p = _key_file(source)
+    if p is not None and p.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"{what} {p} is inside the workspace {root}; keep it outside "
+                          "(whoever can write the registry database could replace it too)")
+
+# %% ../../nbs/23_registry_audit.ipynb #7e61118c
+def _pinned(pubkey: Any, key: Ed25519PrivateKey | None) -> dict[str, Ed25519PublicKey]:
+    "The pinned public keys by id: from `pubkey`, else the audit key's public half; the audit key must be among them."
+    pinned = load_public_keys(pubkey, env={}) if pubkey is not None else {}
+    if key is not None and not pinned: pinned = {public_key_id(key): key.public_key()}
+    if key is not None and public_key_id(key) not in pinned:
+        raise ConfigError(f"the audit key {public_key_id(key)} is not the pinned audit public key {', '.join(pinned)}; "
+                          f"its signatures would not verify (check ${AUDIT_KEY_ENV} and ${AUDIT_PUBKEY_ENV})")
+    return pinned
+
+# %% ../../nbs/23_registry_audit.ipynb #2bf5dc70
+def _audit_keys(root: Path,  # the workspace folder: no key or head file may live in it
+                key: Any = None, pubkey: Any = None, head_file: Any = None,  # arguments; None: the environment
+                env: Mapping[str, str] | None = None,  # environment (default `os.environ`)
+               ) -> AuditKeys:
+    "A session's audit keys from its arguments, else `$RETAIL_CV_AUDIT_KEY`, `$RETAIL_CV_AUDIT_PUBKEY`, `$RETAIL_CV_AUDIT_HEAD`."
+    env = os.environ if env is None else env
+    key = key if key is not None else env.get(AUDIT_KEY_ENV) or None
+    pubkey = pubkey if pubkey is not None else env.get(AUDIT_PUBKEY_ENV) or None
+    head_file = head_file if head_file is not None else env.get(AUDIT_HEAD_ENV) or None
+    if head_file is None and _key_file(key) is not None: head_file = _key_file(key).with_suffix('.head')
+    for src, what in ((key, 'audit key'), (pubkey, 'pinned audit public key'), (head_file, 'audit head file')): _outside(src, root, what)
+    try: signer = None if key is None else load_signing_key(key, env={})
+    except ConfigError as e: raise ConfigError(f"audit key (audit_key= or ${AUDIT_KEY_ENV}): {e}") from None
+    return AuditKeys(signer, _pinned(pubkey, signer), Path(head_file).expanduser() if head_file is not None else None)
+
+# %% ../../nbs/23_registry_audit.ipynb #3e544289
+def _last_seq(db: sqlite3.Connection) -> int:
+    "The sequence number of the newest audit entry (0 for an empty log)."
+    return db.execute('SELECT COALESCE(MAX(seq), 0) FROM audit').fetchone()[0]
+
+# %% ../../nbs/23_registry_audit.ipynb #cad419d0
+def _registry_id(db: sqlite3.Connection) -> str:
+    "The registry's random id, which every head signature names."
+    return db.execute("SELECT value FROM meta WHERE key = 'registry_id'").fetchone()[0]
+
+# %% ../../nbs/23_registry_audit.ipynb #6d9f249d
+def _seal(db: sqlite3.Connection, keys: AuditKeys, since: int) -> SignedHead | None:
+    "Sign the entries appended after entry `since` in this transaction; return the newest signed head."
+    rows = db.execute('SELECT seq, hash FROM audit WHERE seq > ? ORDER BY seq', (since,)).fetchall()
+    if not rows: return None
+    if keys.key is None:
+        if db.execute('SELECT 1 FROM audit_signatures LIMIT 1').fetchone():
+            raise RegistryError(f"this registry's audit log is signed, and this session has no audit key: "
+                                f"set ${AUDIT_KEY_ENV} to the audit key file to change the registry")
+        return None
+    rid = _registry_id(db)
+    heads = [_sign_head(keys.key, rid, r['seq'], r['hash']) for r in rows]
+    db.executemany('INSERT INTO audit_signatures VALUES (?, ?, ?, ?, ?)',
+                   [(h.seq, h.head, h.signed_at, h.key_id, h.signature) for h in heads])
+    return heads[-1]
+
+# %% ../../nbs/23_registry_audit.ipynb #227eaaaf
+def _read_heads(path: Path | None) -> dict[str, SignedHead]:
+    "The newest signed head of each registry recorded in the head file (empty when there is none)."
+    try: raw = json.loads(path.read_text()) if path is not None else {}
+    except FileNotFoundError: return {}
+    except (OSError, ValueError) as e: raise RegistryError(f"audit head file {path} cannot be read: {e}") from None
+    try: return {rid: SignedHead(**h) for rid, h in raw.items()}
+    except (AttributeError, TypeError):
+        raise RegistryError(f"audit head file {path} must map registry ids to {[f.name for f in fields(SignedHead)]}") from None
+
+# %% ../../nbs/23_registry_audit.ipynb #632bfca7
+def _publish(path: Path | None, head: SignedHead) -> None:
+    "Record `head` in the head file unless it already holds a newer one for the registry (a lock orders writers)."
+    if path is None: return
+    try:
+        with open(path.with_name(path.name + '.lock'), 'a') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            heads = _read_heads(path)
+            if head.registry in heads and heads[head.registry].seq >= head.seq: return
+            atomic_write(path, canonical_json({**{k: asdict(v) for k, v in heads.items()}, head.registry: asdict(head)}))
+    except (OSError, RegistryError) as e:  # the change is committed already: say what is lost, do not fail it
+        _log.warning("could not record the audit head in %s (%s); a truncation of the log will not be seen", path, e)
+
+# %% ../../nbs/23_registry_audit.ipynb #d79f6d95
+def _commit(db: sqlite3.Connection, keys: AuditKeys, since: int) -> None:
+    "Sign what this transaction appended after entry `since`, commit, then record the newest signed head outside."
+    head = _seal(db, keys, since)
+    db.execute('COMMIT')
+    if head is not None: _publish(keys.head_file, head)
+
+# %% ../../nbs/23_registry_audit.ipynb #ddfab779
+def _signature_problem(hashes: list[str], heads: Mapping[int, SignedHead],
+                       pinned: Mapping[str, Ed25519PublicKey]) -> tuple[int, str] | None:
+    "The first entry whose signature does not check, and why (None when all do); `hashes` is the intact chain."
+    n = len(hashes)
+    if n and not heads:
+        return n, f"no entry is signed, but the pinned audit key {', '.join(pinned)} expects signatures: the log was " \
+                  f"written without ${AUDIT_KEY_ENV}, or its signatures were deleted"
+    for seq in range(min(heads, default=n + 1), n + 1):
+        if seq not in heads: return seq, "it is unsigned though earlier entries are signed: its signature was deleted, " \
+                                         "or a session without the audit key wrote it"
+        if heads[seq].head != hashes[seq - 1]: return seq, "its signed head is not its hash: the chain was rewritten after it was signed"
+        if problem := heads[seq].problem(pinned): return seq, problem
+    if heads and max(heads) > n: return n + 1, f"entry {max(heads)} was signed but the log ends at entry {n}: the newest entries were deleted"
+    return None
+
+# %% ../../nbs/23_registry_audit.ipynb #f6ebdaa8
+def _head_file_problem(path: Path | None, registry: str, hashes: list[str],
+                       pinned: Mapping[str, Ed25519PublicKey]) -> tuple[int | None, str]:
+    "Check the chain against the newest head the head file recorded: (broken entry, why), or (None, a note)."
+    h = _read_heads(path).get(registry)
+    if h is None:
+        return None, f"no head file records this registry ({path or '$' + AUDIT_HEAD_ENV + ' unset'}): a truncation back " \
+                     "to an older signed head would not be seen"
+    if problem := h.problem(pinned): return h.seq, f"the head file {path} records entry {h.seq} but {problem}"
+    if h.seq > len(hashes):
+        return len(hashes) + 1, f"the log ends at entry {len(hashes)} but the head file {path} records entry {h.seq} " \
+                                f"(signed {h.signed_at}): the log was truncated"
+    if hashes[h.seq - 1] != h.head: return h.seq, f"its hash is not the one the head file {path} recorded: the chain was rewritten"
+    return None, ''
+
+# %% ../../nbs/23_registry_audit.ipynb #7e0eaa8e
+_UNSIGNED = (f"UNSIGNED: no pinned audit key (${AUDIT_PUBKEY_ENV} or ${AUDIT_KEY_ENV}), so a consistent rewrite of "
+             "the whole chain would pass")
+
+def _verify_signed(db: sqlite3.Connection, keys: AuditKeys, rep: AuditReport) -> AuditReport:
+    "Check the intact chain `rep` against the pinned keys: each entry's signature, then the head file."
+    if not rep.ok: return rep
+    if not keys.pinned: return replace(rep, note=_UNSIGNED)
+    rid, hashes = _registry_id(db), [r[0] for r in db.execute('SELECT hash FROM audit ORDER BY seq')]
+    heads = {r['seq']: SignedHead(rid, **r) for r in db.execute('SELECT * FROM audit_signatures')}
+    seq, why = _signature_problem(hashes, heads, keys.pinned) or _head_file_problem(keys.head_file, rid, hashes, keys.pinned)
+    if seq is not None: return replace(rep, ok=False, broken_seq=seq, problem=why)
+    signers = {heads[s].key_id for s in heads if s <= len(hashes)} or set(keys.pinned)  # an empty log: nothing to sign yet
+    return replace(rep, signed_by=', '.join(sorted(signers)), note=why)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..core import ConfigError, RetailCVError, Workspace, sha256_bytes, utc_now
-from ._audit import AuditEntry, AuditReport, Identity, _append, _verify_chain
+from ._audit import (AuditEntry, AuditKeys, AuditReport, Identity, _append, _audit_keys, _commit,
+                                       _last_seq, _verify_chain, _verify_signed)
 from ._store import RegistryError, _check_key, _connect, _init_db
 
 _log = logging.getLogger(__name__)
@@ -67,25 +68,27 @@ def _identify(db: sqlite3.Connection, token_hash: str | None, local_actor: str) 
 
 # %% ../../nbs/24_registry_auth.ipynb #2ba6f116
 @contextlib.contextmanager
-def _guarded(path: Path, token_hash: str | None, local_actor: str, action: str, target: str, need: str, reason: str = '',
-             write: bool = True, details: Mapping[str, Any] | None = None) -> Iterator[tuple[sqlite3.Connection, Identity]]:
-    "A transaction as the session's identity; below role `need`, audit the denial and raise `PermissionDeniedError`."
+def _guarded(path: Path, token_hash: str | None, local_actor: str, keys: AuditKeys, action: str, target: str, need: str,
+             reason: str = '', write: bool = True, details: Mapping[str, Any] | None = None) -> Iterator[tuple[sqlite3.Connection, Identity]]:
+    "A transaction as the session's identity, signed with `keys`; below role `need`, audit the denial and raise `PermissionDeniedError`."
     db = _connect(path)
     try:
         db.execute('BEGIN IMMEDIATE' if write else 'BEGIN')
+        since = _last_seq(db)  # entries after it are this transaction's, to be signed as it commits
         try:
             who, problem = _identify(db, token_hash, local_actor)
             if problem is None and _rank(who.role) < _rank(need):
                 problem = f"{who.role} {who.actor!r} may not {action} {target}: that needs the {need} role or higher"
             if problem is None:
                 yield db, who
-                db.execute('COMMIT')
+                _commit(db, keys, since)
                 return
-            if not write: db.execute('ROLLBACK'); db.execute('BEGIN IMMEDIATE')
+            if not write: db.execute('ROLLBACK'); db.execute('BEGIN IMMEDIATE'); since = _last_seq(db)
             _append(db, who, action, target, {**(details or {}), 'needs': need, 'problem': problem}, reason, 'denied')
-            db.execute('COMMIT')
+            _commit(db, keys, since)
         except BaseException as e:
-            if db.in_transaction: db.execute('COMMIT' if getattr(e, 'audited', False) else 'ROLLBACK')
+            if db.in_transaction and getattr(e, 'audited', False): _commit(db, keys, since)
+            elif db.in_transaction: db.execute('ROLLBACK')
             raise
         _log.info("denied: %s", problem)  # INFO: the exception and the audit log carry it; the CLI prints it once
         raise PermissionDeniedError(problem)
@@ -97,7 +100,10 @@ class _Session:
     def __init__(self, workspace: Workspace | str | os.PathLike | None = None,  # default: `Workspace.open()`
                  token: str | None = None,  # session token; default `$RETAIL_CV_TOKEN`; none: local mode
                  actor: str | None = None,  # actor name in local mode (default: the OS user)
-                 env: Mapping[str, str] | None = None,  # environment to read the token from (default `os.environ`)
+                 env: Mapping[str, str] | None = None,  # environment to read the token and audit keys from (default `os.environ`)
+                 audit_key: Any = None,  # key signing audit heads (file, PEM text or key); default `$RETAIL_CV_AUDIT_KEY`
+                 audit_pubkey: Any = None,  # pinned public key(s) `verify` checks; default `$RETAIL_CV_AUDIT_PUBKEY`, else the key's
+                 audit_head: str | os.PathLike | None = None,  # newest signed head; default `$RETAIL_CV_AUDIT_HEAD`, else beside the key
                 ):
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         self.root = self.ws/'registry'
@@ -107,6 +113,7 @@ class _Session:
             raise ConfigError("the registry token must be a non-empty string")
         self._token_hash = _token_hash(token.strip()) if token else None  # the token itself is not kept
         self._local_actor = _check_key(actor, 'actor name') if actor is not None else _os_user()
+        self._audit = _audit_keys(self.ws.root, audit_key, audit_pubkey, audit_head, env)  # outside the workspace
         _init_db(self.path)
 
     def __repr__(self) -> str:
@@ -116,7 +123,7 @@ class _Session:
     def _op(self, action: str, target: str, need: str, reason: str = '', write: bool = True,
             details: Mapping[str, Any] | None = None):
         "`_guarded` transaction as this session."
-        return _guarded(self.path, self._token_hash, self._local_actor, action, target, need, reason, write, details)
+        return _guarded(self.path, self._token_hash, self._local_actor, self._audit, action, target, need, reason, write, details)
 
     def whoami(self) -> Identity:
         "The identity this session acts as (denied, and audited, when it has none)."
@@ -186,7 +193,7 @@ class _AuditLog(_Session):
         return [AuditEntry(**{**dict(r), 'details': json.loads(r['details'])}) for r in reversed(rows)]
 
     def verify(self) -> AuditReport:
-        "Walk the audit chain and report the first entry that does not check (viewer role)."
-        with self._op('read', 'audit', 'viewer', write=False) as (db, _): rep = _verify_chain(db)
+        "Walk the audit chain, then check its signatures against the pinned key; report the first entry that does not check (viewer role)."
+        with self._op('read', 'audit', 'viewer', write=False) as (db, _): rep = _verify_signed(db, self._audit, _verify_chain(db))
         _log.info("%s", rep)  # the caller decides what a broken chain means (the CLI exits 1)
         return rep

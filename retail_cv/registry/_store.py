@@ -12,6 +12,7 @@ import logging
 import math
 import re
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -123,7 +124,7 @@ def _digest(path: Path) -> tuple[str, int]:
     return sha256_bytes(json.dumps(listing).encode()), sum(p.stat().st_size for p in files)
 
 # %% ../../nbs/22_registry_store.ipynb #b74235c0
-SCHEMA_VERSION = 1  # the newest registry database schema this code reads and writes
+SCHEMA_VERSION = 2  # the newest registry database schema this code reads and writes (2: audit signatures, registry id)
 
 # %% ../../nbs/22_registry_store.ipynb #49d49a71
 _DDL = [
@@ -153,6 +154,12 @@ _DDL = [
          BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
     """CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
          BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END""",
+    """CREATE TABLE IF NOT EXISTS audit_signatures (seq INTEGER PRIMARY KEY, head TEXT NOT NULL, signed_at TEXT NOT NULL,
+         key_id TEXT NOT NULL, signature TEXT NOT NULL)""",
+    """CREATE TRIGGER IF NOT EXISTS audit_signatures_no_update BEFORE UPDATE ON audit_signatures
+         BEGIN SELECT RAISE(ABORT, 'the audit signatures are append-only'); END""",
+    """CREATE TRIGGER IF NOT EXISTS audit_signatures_no_delete BEFORE DELETE ON audit_signatures
+         BEGIN SELECT RAISE(ABORT, 'the audit signatures are append-only'); END""",
 ]
 
 # %% ../../nbs/22_registry_store.ipynb #de4d6d0c
@@ -171,15 +178,15 @@ GENESIS = '0' * 64  # `prev_hash` of the first audit entry
 
 # %% ../../nbs/22_registry_store.ipynb #82a1f3c9
 def _create_tables(db: sqlite3.Connection, path: Path) -> None:
-    "Create the tables and meta rows, or check that an existing database has a schema this code reads."
+    "Create the tables and meta rows, upgrade an older schema (1 lacked signatures and id), or refuse a newer one."
     for stmt in _DDL: db.execute(stmt)
     row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if row is None:
-        db.executemany("INSERT INTO meta VALUES (?, ?)", [('schema_version', str(SCHEMA_VERSION)),
-                       ('created_at', utc_now()), ('audit_head', f'0:{GENESIS}')])
-    elif int(row[0]) > SCHEMA_VERSION:
+    if row is not None and int(row[0]) > SCHEMA_VERSION:
         raise RegistryError(f"registry {path} has schema version {row[0]}, newer than this retail_cv "
                             f"{__version__} reads ({SCHEMA_VERSION}); upgrade retail_cv")
+    db.executemany("INSERT OR IGNORE INTO meta VALUES (?, ?)", [('created_at', utc_now()), ('audit_head', f'0:{GENESIS}'),
+                                                               ('registry_id', uuid.uuid4().hex)])
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
 # %% ../../nbs/22_registry_store.ipynb #dd94c12c
 def _init_db(path: Path) -> None:

@@ -7,13 +7,12 @@ Docs: https://retail-cv.github.io/retail_cv/formats_grocery.html.md"""
 # %% ../../../nbs/12a_formats_grocery.ipynb #005b9dca
 from __future__ import annotations
 
-import csv
 import os
 from importlib.resources import files
 from pathlib import Path
 
 from ...core import DataError
-from ._model import Annotation, Category, Dataset, ImageRecord
+from ._model import Annotation, Category, Dataset, ImageRecord, _csv_rows, _read_text
 from ._sizes import _fill_sizes
 
 # %% auto #0
@@ -31,7 +30,7 @@ _GROCERY_HEADER = ['Class Name (str)', 'Class ID (int)', 'Coarse Class Name (str
 
 def _grocery_classes(cls_file: Path) -> tuple[list[Category], dict[int, int]]:
     "Fine classes (coarse class name as super-category) and the coarse id of each fine id, from `classes.csv`."
-    with open(cls_file, newline='', encoding='utf-8') as f: rows = list(csv.reader(f))
+    rows = _csv_rows(cls_file)
     if not rows or [c.strip() for c in rows[0]] != _GROCERY_HEADER:
         raise DataError(f"{cls_file} line 1: expected the header {','.join(_GROCERY_HEADER)}")
     cats, coarse_of = [], {}
@@ -47,7 +46,7 @@ def _grocery_classes(cls_file: Path) -> tuple[list[Category], dict[int, int]]:
 def _grocery_list(lst: Path) -> list[tuple[int, str, int, int]]:
     "(line number, image path relative to the root, fine id, coarse id) per line of a list file."
     out = []
-    for n, line in enumerate(lst.read_text(encoding='utf-8').splitlines(), 1):
+    for n, line in enumerate(_read_text(lst).splitlines(), 1):
         if not line.strip(): continue
         parts = line.split(',')
         if len(parts) != 3: raise DataError(f"{lst} line {n}: expected 3 fields (path, fine_id, coarse_id), got {len(parts)}")

@@ -7,6 +7,8 @@ Docs: https://retail-cv.github.io/retail_cv/formats.html.md"""
 # %% ../../../nbs/10_formats.ipynb #e72428bc
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,8 +35,47 @@ def _need(d: Any,  # one parsed record (should be a dict)
     if not isinstance(d, dict) or key not in d: raise DataError(f"{source}: {where} is missing '{key}'")
     return d[key]
 
+# %% ../../../nbs/10_formats.ipynb #be05f6e4
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {  # kind -> (what it must be, test)
+    'int': ('an integer', lambda v: type(v) is int or type(v) is float and v.is_integer()),
+    'number': ('a number', lambda v: type(v) in (int, float)),
+    'text': ('a string', lambda v: type(v) is str),
+    'mapping': ('a mapping', lambda v: type(v) is dict),
+    'numbers': ('a list of numbers', lambda v: type(v) is list and all(type(x) in (int, float) for x in v)),
+}
+
+# %% ../../../nbs/10_formats.ipynb #ff6ddfbb
+_REQUIRED = object()
+
+def _typed(d: dict, key: str, kind: str, source: str, where: str, default: Any = _REQUIRED) -> Any:
+    "`d[key]` checked to be of `kind` (`_KINDS`); `default` when absent or null, unless the field is required."
+    v = _need(d, key, source, where) if default is _REQUIRED else d.get(key)
+    if v is None and default is not _REQUIRED: return default
+    what, ok = _KINDS[kind]
+    if not ok(v): raise DataError(f"{source}: {where} field '{key}' must be {what}, got {'null' if v is None else repr(v)[:60]}")
+    return int(v) if kind == 'int' else v
+
+# %% ../../../nbs/10_formats.ipynb #9f126c4d
+def _with_ids(d: dict, where: str, keys: tuple[str, ...]) -> str:
+    "`where` followed by the record's ids, e.g. 'annotations[7] (id 12, image id 3)'."
+    ids = ', '.join(f"{k.replace('_', ' ')} {d[k]!r}" for k in keys if k in d)
+    return f'{where} ({ids})' if ids else where
+
 # %% ../../../nbs/10_formats.ipynb #efbf2484
 def _origin(source: str, where: str) -> str: return f'{Path(source).name}: {where}'
+
+# %% ../../../nbs/10_formats.ipynb #cdc22350
+def _read_text(path: Path) -> str:
+    "The UTF-8 text of `path`, or `DataError` naming the file."
+    try: return path.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e: raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+# %% ../../../nbs/10_formats.ipynb #5473f159
+def _csv_rows(path: Path) -> list[list[str]]:
+    "The rows of a CSV file, or `DataError` naming the file and line."
+    reader = csv.reader(io.StringIO(_read_text(path), newline=''))
+    try: return list(reader)
+    except csv.Error as e: raise DataError(f"{path} line {reader.line_num}: not valid CSV ({e})") from None
 
 # %% ../../../nbs/10_formats.ipynb #a358caf9
 @dataclass(frozen=True)
@@ -48,8 +89,9 @@ class Category:
 
     @classmethod
     def from_coco(cls, d: dict, source: str, where: str) -> Category:
-        "One COCO category record."
-        return cls(int(_need(d, 'id', source, where)), str(_need(d, 'name', source, where)), str(d.get('supercategory') or ''))
+        "One COCO category record, its field types checked."
+        i = _typed(d, 'id', 'int', source, where); where = _with_ids(d, where, ('id',))
+        return cls(i, _typed(d, 'name', 'text', source, where), _typed(d, 'supercategory', 'text', source, where, ''))
 
 # %% ../../../nbs/10_formats.ipynb #3a9beb24
 @dataclass
@@ -68,9 +110,10 @@ class ImageRecord:
 
     @classmethod
     def from_coco(cls, m: dict, source: str, where: str) -> ImageRecord:
-        "One COCO image record (an optional `split` field is ours)."
-        return cls(int(_need(m, 'id', source, where)), str(_need(m, 'file_name', source, where)), int(m.get('width') or 0),
-                   int(m.get('height') or 0), str(m.get('split') or ''), origin=_origin(source, where))
+        "One COCO image record, its field types checked (an optional `split` field is ours)."
+        i = _typed(m, 'id', 'int', source, where); w = _with_ids(m, where, ('id',))
+        T = lambda key, kind, *default: _typed(m, key, kind, source, w, *default)
+        return cls(i, T('file_name', 'text'), T('width', 'int', 0), T('height', 'int', 0), T('split', 'text', ''), origin=_origin(source, where))
 
 # %% ../../../nbs/10_formats.ipynb #d59e44cf
 @dataclass
@@ -94,11 +137,12 @@ class Annotation:
 
     @classmethod
     def from_coco(cls, a: dict, source: str, where: str) -> Annotation:
-        "One COCO annotation record (image-level when it has no `bbox`)."
-        box = a.get('bbox') if isinstance(a, dict) else None
-        return cls(int(_need(a, 'id', source, where)), int(_need(a, 'image_id', source, where)),
-                   int(_need(a, 'category_id', source, where)), None if box is None else tuple(float(v) for v in box),
-                   int(a.get('iscrowd', 0)), dict(a.get('attributes') or {}), origin=_origin(source, where))
+        "One COCO annotation record, its field types checked (image-level when it has no `bbox`)."
+        i = _typed(a, 'id', 'int', source, where); w = _with_ids(a, where, ('id', 'image_id'))
+        T = lambda key, kind, *default: _typed(a, key, kind, source, w, *default)
+        box, _ = T('bbox', 'numbers', None), T('area', 'number', None)
+        return cls(i, T('image_id', 'int'), T('category_id', 'int'), None if box is None else tuple(float(v) for v in box),
+                   T('iscrowd', 'int', 0), dict(T('attributes', 'mapping', {})), origin=_origin(source, where))
 
 # %% ../../../nbs/10_formats.ipynb #0be38c77
 def _coco_records(coco: dict, key: str, parse: Callable[[Any, str, str], Any], source: str) -> list:

@@ -8,6 +8,7 @@ Docs: https://retail-cv.github.io/retail_cv/formats_sizes.html.md"""
 from __future__ import annotations
 
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
@@ -34,6 +35,9 @@ def exif_orientation(im: Image.Image) -> int:
     except Exception: return 1
     return v if 1 <= v <= 8 else 1
 
+# %% ../../../nbs/10a_formats_sizes.ipynb #e715858f
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
+
 # %% ../../../nbs/10a_formats_sizes.ipynb #c114f493
 _TRANSPOSED = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 
@@ -45,7 +49,7 @@ def image_size(path: str | os.PathLike,  # image file
             w, h = im.size
             return (h, w) if exif_orientation(im) in _TRANSPOSED else (w, h)
     except FileNotFoundError: raise DataError(f"{path}: image file does not exist") from None
-    except Exception as e: raise DataError(f"{path}: cannot read the image header ({e})") from None
+    except _PIL_ERRORS as e: raise DataError(f"{path}: cannot read the image header ({e})") from None
 
 # %% ../../../nbs/10a_formats_sizes.ipynb #a1148e71
 def _inside(root: Path, path: Path) -> bool:
@@ -70,8 +74,8 @@ def _header_sizes(root: Path, names: list[str]) -> list[tuple[int, int]]:
 
 # %% ../../../nbs/10a_formats_sizes.ipynb #a43a504f
 def _fill_sizes(ds: Dataset) -> Dataset:
-    "Fill in width/height from image headers where the source did not give them."
-    todo = [im for im in ds.images if im.width <= 0 or im.height <= 0]
+    "Fill in a width or height of 0 (not given) from the image header; a declared one, even a wrong one, is the validator's to judge."
+    todo = [im for im in ds.images if im.width == 0 or im.height == 0]
     for im, (w, h) in zip(todo, _header_sizes(ds.root, [im.file_name for im in todo])):
-        im.width, im.height = w, h
+        im.width, im.height = im.width or w, im.height or h
     return ds

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from ...core import DataError
-from ._model import SPLIT_ALIASES, Annotation, Category, Dataset, ImageRecord
+from ._model import SPLIT_ALIASES, _csv_rows, Annotation, Category, Dataset, ImageRecord
 
 # %% auto #0
 __all__ = ['read_sku110k']
@@ -56,17 +56,16 @@ def read_sku110k(path: str | os.PathLike,  # a SKU-110K CSV file, or the folder 
     cats, images, anns = {}, {}, []
     for f in csvs:
         split, rel = _split_from_name(f.stem), f.relative_to(root).as_posix()
-        with open(f, newline='', encoding='utf-8') as fh:
-            for n, row in enumerate(csv.reader(fh), 1):
-                if not row or (n == 1 and row[:2] == list(_SKU_COLUMNS[:2])): continue
-                x1, y1, x2, y2, w, h = _sku_numbers(row, f, n)
-                name = row[0].strip()
-                if (im := images.get((split, name))) is None:
-                    im = images[(split, name)] = ImageRecord(len(images) + 1, img_dir + name, w, h, split, origin=f'{rel} line {n}')
-                elif (im.width, im.height) != (w, h):
-                    raise DataError(f"{f} line {n}: image {name!r} is {w}x{h} here but {im.width}x{im.height} on {im.origin}")
-                cid = cats.setdefault(row[5].strip(), len(cats) + 1)
-                anns.append(Annotation(len(anns) + 1, im.id, cid, (x1, y1, x2 - x1, y2 - y1), origin=f'{rel} line {n}'))
+        for n, row in enumerate(_csv_rows(f), 1):
+            if not row or (n == 1 and row[:2] == list(_SKU_COLUMNS[:2])): continue
+            x1, y1, x2, y2, w, h = _sku_numbers(row, f, n)
+            name = row[0].strip()
+            if (im := images.get((split, name))) is None:
+                im = images[(split, name)] = ImageRecord(len(images) + 1, img_dir + name, w, h, split, origin=f'{rel} line {n}')
+            elif (im.width, im.height) != (w, h):
+                raise DataError(f"{f} line {n}: image {name!r} is {w}x{h} here but {im.width}x{im.height} on {im.origin}")
+            cid = cats.setdefault(row[5].strip(), len(cats) + 1)
+            anns.append(Annotation(len(anns) + 1, im.id, cid, (x1, y1, x2 - x1, y2 - y1), origin=f'{rel} line {n}'))
     return Dataset(root, 'detection', [Category(i, n) for n, i in cats.items()], list(images.values()), anns, {'source_format': 'sku110k'})
 
 # %% ../../../nbs/11c_formats_sku110k.ipynb #3f3f7f9a
@@ -74,6 +73,8 @@ def _detect_sku(p: Path) -> str | None:
     "None when `p` looks like SKU-110K, else why not."
     if p.is_file(): return None if p.suffix.lower() == '.csv' else 'not a .csv file'
     for f in sorted((p/'annotations').glob('*.csv')) + sorted(p.glob('*.csv')):
-        with open(f, newline='', encoding='utf-8', errors='replace') as fh: row = next(csv.reader(fh), [])
+        with open(f, newline='', encoding='utf-8', errors='replace') as fh:
+            try: row = next(csv.reader(fh), [])
+            except csv.Error: row = []  # e.g. a first field over the size limit: not SKU-110K
         if len(row) == 8: return None
     return 'no annotations/*.csv with 8 columns'

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ...core import DataError, atomic_write
-from ._model import SPLIT_ALIASES, Annotation, Category, Dataset, ImageRecord
+from ._model import SPLIT_ALIASES, Annotation, Category, Dataset, ImageRecord, _read_text
 from ._sizes import _fill_sizes
 from ._writing import ImageMode, _num, _place_images, _prepare_out, _split_prefix
 
@@ -49,7 +49,7 @@ def _xml_num(el: ET.Element, tag: str, src: Path, where: str, required: bool = T
 def _class_list(root: Path) -> list[str]:
     "Class names from `classes.txt` or `labels.txt`, in order; [] when neither exists."
     for n in ('classes.txt', 'labels.txt'):
-        if (root/n).is_file(): return [l.strip() for l in (root/n).read_text(encoding='utf-8').splitlines() if l.strip()]
+        if (root/n).is_file(): return [l.strip() for l in _read_text(root/n).splitlines() if l.strip()]
     return []
 
 # %% ../../../nbs/11b_formats_voc.ipynb #cbc062c2
@@ -59,7 +59,7 @@ def _voc_splits(root: Path) -> dict[str, str]:
     lists = sorted((root/'ImageSets'/'Main').glob('*.txt'))
     for lst in [l for l in lists if '_' not in l.stem and l.stem != 'trainval']:
         s = SPLIT_ALIASES.get(lst.stem, lst.stem)
-        for n, l in enumerate(lst.read_text(encoding='utf-8').splitlines(), 1):
+        for n, l in enumerate(_read_text(lst).splitlines(), 1):
             if not (key := l.split()[0] if l.split() else ''): continue
             if split_of.get(key, s) != s: raise DataError(f"{lst} line {n}: {key!r} is already listed in split {split_of[key]!r}")
             split_of[key] = s

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ...core import DataError, atomic_write
-from ._model import SPLIT_ALIASES, Annotation, Category, Dataset, ImageRecord
+from ._model import SPLIT_ALIASES, Annotation, Category, Dataset, ImageRecord, _read_text
 from ._sizes import _header_sizes, _list_images
 from ._writing import ImageMode, _check_splits, _num, _place_images, _prepare_out, _safe_rel, _split_prefix
 
@@ -25,21 +25,23 @@ __all__ = ['read_yolo', 'write_yolo']
 # %% ../../../nbs/11a_formats_yolo.ipynb #3e700f70
 def _load_yaml(path: Path) -> Any:
     "Parsed YAML of `path`, or `DataError` naming the line."
-    try: return yaml.safe_load(path.read_text(encoding='utf-8'))
+    text = _read_text(path)
+    try: return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         where = f" line {mark.line + 1}" if mark is not None else ''
         raise DataError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    except UnicodeDecodeError as e: raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 # %% ../../../nbs/11a_formats_yolo.ipynb #9fc3bc3e
 def _yolo_names(names: Any, src: Path) -> dict[int, str]:
-    "Class index -> name from `names:`, a list or a mapping."
-    if isinstance(names, list): return {i: str(n) for i, n in enumerate(names)}
-    if isinstance(names, dict):
-        try: return {int(k): str(v) for k, v in names.items()}
-        except (TypeError, ValueError): raise DataError(f"{src} field 'names': keys must be class indices (integers)") from None
-    raise DataError(f"{src} field 'names': expected a list or a mapping of index to name, got {type(names).__name__}")
+    "Class index -> name from `names:`, a list or a mapping; each name a string (or a number)."
+    if isinstance(names, list): names = dict(enumerate(names))
+    if not isinstance(names, dict): raise DataError(f"{src} field 'names': expected a list or a mapping of index to name, got {type(names).__name__}")
+    if bad := [k for k in names if not (type(k) is int and k >= 0 or type(k) is str and k.isdecimal())]:
+        raise DataError(f"{src} field 'names': keys must be class indices (integers >= 0), got {bad[0]!r}")
+    if bad := [k for k, v in names.items() if type(v) not in (str, int, float)]:
+        raise DataError(f"{src} field 'names': class {bad[0]} must be named by a string, got {'null' if names[bad[0]] is None else repr(names[bad[0]])}")
+    return {int(k): str(v) for k, v in names.items()}
 
 # %% ../../../nbs/11a_formats_yolo.ipynb #3d6f7f13
 def _yolo_entry(root: Path, cfg_file: Path, key: str, entry: Any) -> tuple[str, Path | None, list[Path]]:
@@ -48,7 +50,7 @@ def _yolo_entry(root: Path, cfg_file: Path, key: str, entry: Any) -> tuple[str, 
     if not d.exists(): d = root/PurePosixPath(*[p for p in PurePosixPath(str(entry)).parts if p not in ('..', '.')])
     if d.is_dir(): return key, d, _list_images(d)
     if d.is_file() and d.suffix == '.txt':
-        return key, None, [root/_safe_rel(l.strip().removeprefix('./'), f'{d}') for l in d.read_text().splitlines() if l.strip()]
+        return key, None, [root/_safe_rel(l.strip().removeprefix('./'), f'{d}') for l in _read_text(d).splitlines() if l.strip()]
     raise DataError(f"{cfg_file} field {key!r}: {entry!r} is neither a folder nor a .txt list under {root}")
 
 # %% ../../../nbs/11a_formats_yolo.ipynb #f0e6b893
@@ -67,7 +69,7 @@ def _yolo_config(cfg_file: Path) -> tuple[Path, dict[int, str], list[tuple[str, 
 # %% ../../../nbs/11a_formats_yolo.ipynb #f7f0256b
 def _yolo_classes_txt(path: Path) -> dict[int, str]:
     "Class index -> name from a `classes.txt`, one name a line."
-    lines = path.read_text(encoding='utf-8').splitlines()
+    lines = _read_text(path).splitlines()
     while lines and not lines[-1].strip(): lines.pop()
     return {i: l.strip() for i, l in enumerate(lines)}
 
@@ -125,10 +127,8 @@ def _parse_yolo_line(line: str, src: str, n: int) -> tuple[int, tuple[float, flo
 def _yolo_boxes(root: Path, lbl: PurePosixPath, w: int, h: int) -> list[tuple[int, tuple[float, ...], str]]:
     "(class index, pixel box, origin) per line of the label file `root/lbl` of a `w` x `h` image."
     lp = root/lbl
-    try: text = lp.read_text(encoding='utf-8')
-    except UnicodeDecodeError as e: raise DataError(f"{lp}: not UTF-8 text ({e})") from None
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(_read_text(lp).splitlines(), 1):
         if not line.strip(): continue
         cls, (cx, cy, bw, bh) = _parse_yolo_line(line, str(lp), n)
         box = ((cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h) if w and h else (math.nan,) * 4

@@ -27,7 +27,8 @@ _BOUNDS: dict[str, tuple[float, float]] = {  # allowed (min, max) of each range 
 class SynthConfig(StrictModel):
     "Options of the synthetic shelf generator; the single source of their defaults."
     images: int = Field(100, ge=1, le=10_000_000, description="number of images")
-    seed: int = Field(0, ge=0, lt=2**32, description="seed: same seed and options give byte-identical files")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed of layouts and pictures: same seed and options give byte-identical files")
+    catalogue_seed: int = Field(0, ge=0, lt=2**32, description="seed of the product catalogue: layouts of any seed share its products")
     width: int = Field(640, ge=320, le=8192, description="image width in pixels")
     height: int = Field(480, ge=240, le=8192, description="image height in pixels")
     skus: int = Field(24, ge=2, le=20_000, description="size of the SKU catalogue")
@@ -50,6 +51,7 @@ class SynthConfig(StrictModel):
     occlusion_prob: float = Field(0.3, ge=0, le=1, description="probability of a hand or card in front of the products")
     jpeg_quality: tuple[int, int] = Field((85, 95), description="min and max JPEG quality")
     val_fraction: float = Field(0.2, ge=0, le=1, description="fraction of images in split 'val', the rest in 'train'")
+    labels: Literal['sku', 'kinds'] = Field('sku', description="product labels: one class per SKU, or 'kinds' (product, gap, price_tag)")
 
     @field_validator(*_BOUNDS)
     @classmethod

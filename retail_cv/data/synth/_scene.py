@@ -110,10 +110,10 @@ def _stock_run(canvas: np.ndarray,  # the scene, drawn on in place
 class ShelfComposer:
     "Lays out and draws flat shelf scenes for one config: the bay seen straight on, before the camera."
     def __init__(self, config: SynthConfig,  # generator options
-                 catalogue: list[SKU] | None = None,  # default: `make_catalogue(config.skus, config.seed, config.price)`
+                 catalogue: list[SKU] | None = None,  # default: `make_catalogue(config.skus, config.catalogue_seed, config.price)`
                 ):
         self.config = config
-        self.catalogue = catalogue or make_catalogue(config.skus, config.seed, config.price)
+        self.catalogue = catalogue or make_catalogue(config.skus, config.catalogue_seed, config.price)
         self.by_sku = {s.sku: s for s in self.catalogue}
         self.sprites = SpriteCache(self.catalogue)
         self._check_geometry()

@@ -130,7 +130,8 @@ def generate_shelves(out_dir: str | os.PathLike,  # folder to write (created; mu
                                    for j, s in enumerate(slots)]} for k, slots in enumerate(planogram)]})
         if progress: progress(i + 1, cfg.images)
     info = {'generator': 'retail_cv.data.synth', 'version': __version__, 'seed': cfg.seed, 'config': cfg.model_dump(mode='json')}
-    files = {'annotations': write_coco(Dataset(out, 'detection', cats, images, anns, info), out/'annotations.json')}
+    ds = Dataset(out, 'detection', cats, images, anns, info)
+    files = {'annotations': write_coco(shelf_kinds(ds) if cfg.labels == 'kinds' else ds, out/'annotations.json')}
     files['planogram'] = atomic_write(out/'planogram.json', json.dumps({'seed': cfg.seed, 'images': plan}, indent=1, sort_keys=True))
     buf = io.StringIO(); w = csv.writer(buf, lineterminator='\n')
     w.writerow(['sku', 'name', 'packaging', 'price', 'ean13', 'tag_ean13', 'qr_payload'])

@@ -1,0 +1,327 @@
+"""Fuzzed parsers: whatever bytes arrive, a reader returns a dataset (or a verified bundle) or raises a retail_cv error.
+
+Each target writes one drawn input to a fresh folder and parses it. Anything but a `RetailCVError` escaping is a bug.
+200 cases per target run in the normal suite (derandomized, so CI is reproducible); `-m slow` runs 10,000 per target
+with fresh randomness. `bench/bench_fuzz.py` runs the same targets under `coverage` and writes bench/results/fuzz.json.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import tarfile
+import tempfile
+from collections import Counter
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from retail_cv.core import DataError, RetailCVError
+
+NORMAL, SLOW = 200, 10_000
+OUTCOMES: dict[str, Counter] = {}  # target -> Counter({'parsed': n, 'refused': n}), read by bench/bench_fuzz.py
+
+# ---- building blocks ----------------------------------------------------------------------------------------------
+
+def _png(size=(8, 6)) -> bytes:
+    b = io.BytesIO(); Image.new('RGB', size, (200, 30, 30)).save(b, 'PNG'); return b.getvalue()
+
+PNG = _png()
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64), st.floats(), st.text(max_size=10))
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                    max_leaves=10)
+SMALL_INT = st.integers(-3, 12)
+NUMBER = st.one_of(st.integers(-20, 100), st.floats(-20, 100), st.sampled_from([float('nan'), float('inf'), -0.0, 1e308]))
+NUMBERISH = st.one_of(NUMBER, SCALARS)
+# text for fields of line formats: numbers written many ways, and junk; never '/' (a drawn absolute path could
+# make a reader list the whole file system, which is the config's right, not a parser bug)
+TOKEN = st.one_of(NUMBER.map(str), st.sampled_from(['nan', '-inf', '1e309', '0x10', '1_0', '', ' ', '\u0660', '٣', '-0', '+1']),
+                  st.text(alphabet=st.characters(blacklist_characters='/\\', blacklist_categories=('Cs',)), max_size=8))
+NAME = st.one_of(st.sampled_from(['a.png', 'b.png', 'missing.png', '../x.png', '', 'a\x00b.png', 'sub/../a.png', '.']), TOKEN)
+IMAGE_BYTES = st.one_of(st.just(PNG), st.binary(max_size=64), st.binary(max_size=64).map(lambda b: PNG[:24] + b),
+                        st.integers(0, len(PNG)).map(lambda n: PNG[:n]))
+
+
+def _run(target: str, parse) -> None:
+    "Call `parse()`; count the outcome. Only retail_cv errors may escape it."
+    try: parse()
+    except RetailCVError: OUTCOMES.setdefault(target, Counter())['refused'] += 1
+    else: OUTCOMES.setdefault(target, Counter())['parsed'] += 1
+
+
+class _Folder:
+    "A fresh empty folder per example (`root` = <tmp>/ex/ds, so a drawn '..' stays inside <tmp>)."
+    def __enter__(self) -> Path:
+        self.base = Path(tempfile.mkdtemp(prefix='fuzz-'))
+        (root := self.base/'ex'/'ds').mkdir(parents=True)
+        return root
+    def __exit__(self, *exc): shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _write(root: Path, files: dict[str, bytes | str]) -> None:
+    for rel, data in files.items():
+        p = root/rel; p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data if isinstance(data, bytes) else data.encode('utf-8', 'surrogatepass'))
+
+
+def _lines(field: st.SearchStrategy, sep: str, n: tuple[int, int]) -> st.SearchStrategy[str]:
+    "Text of lines, each `n` fields of `field` joined by `sep`, or a junk line."
+    line = st.lists(field, min_size=n[0], max_size=n[1]).map(sep.join) | st.text(max_size=20)
+    return st.lists(line, max_size=6).map('\n'.join)
+
+# ---- COCO (through the validator, which reads it with load_dataset) -------------------------------------------------
+
+def _records(fields: dict) -> st.SearchStrategy:
+    return st.lists(st.fixed_dictionaries({}, optional=fields) | JSON, max_size=4) | JSON
+
+COCO = st.fixed_dictionaries({}, optional={
+    'categories': _records({'id': SMALL_INT | SCALARS, 'name': TOKEN | SCALARS, 'supercategory': SCALARS}),
+    'images': _records({'id': SMALL_INT | SCALARS, 'file_name': NAME | SCALARS, 'width': NUMBERISH, 'height': NUMBERISH,
+                        'split': st.sampled_from(['train', 'val', 'test', 'x']) | SCALARS}),
+    'annotations': _records({'id': SMALL_INT | SCALARS, 'image_id': SMALL_INT | SCALARS, 'category_id': SMALL_INT | SCALARS,
+                             'bbox': st.lists(NUMBER, max_size=5) | NUMBERISH | JSON, 'area': NUMBERISH,
+                             'iscrowd': SMALL_INT | SCALARS, 'attributes': JSON}),
+    'info': JSON})
+
+
+def fuzz_coco(data: tuple) -> None:
+    coco, raw, image, drop = data
+    from retail_cv.data.validate import validate_dataset
+    with _Folder() as root:
+        _write(root, {'annotations.json': raw if raw is not None else json.dumps(coco), 'a.png': PNG, 'b.png': image})
+        _run('coco', lambda: validate_dataset(root, 'coco', workers=1, **({'policy': 'drop', 'out': root.parent/'clean'} if drop else {})))
+
+COCO_INPUT = st.tuples(COCO, st.none() | st.binary(max_size=80), IMAGE_BYTES, st.booleans())
+
+# ---- YOLO ---------------------------------------------------------------------------------------------------------
+
+ENTRY = st.one_of(st.sampled_from(['images', 'images/train', 'images/val', 'list.txt', 'missing', '..', '', '.', 'a\x00b',
+                                   'images/../images', 'data.yaml']), TOKEN)
+YOLO_CFG = st.fixed_dictionaries({}, optional={
+    'names': st.lists(TOKEN | SCALARS, max_size=4) | st.dictionaries(SMALL_INT | TOKEN, TOKEN | SCALARS, max_size=4) | JSON,
+    'path': ENTRY | SCALARS, 'train': ENTRY | st.lists(ENTRY, max_size=2) | SCALARS, 'val': ENTRY | SCALARS, 'test': ENTRY})
+YOLO_LINE = st.tuples(st.sampled_from(['0', '1', '7', '-1', '1.0', '1.5', 'x', 'nan']) | TOKEN,
+                      st.lists(st.floats(-0.5, 1.5).map(str) | TOKEN, max_size=8)).map(lambda t: ' '.join([t[0], *t[1]]))
+YOLO_LABELS = st.lists(YOLO_LINE | st.text(max_size=20), max_size=5).map('\n'.join) | st.binary(max_size=40)
+
+
+def fuzz_yolo(data: tuple) -> None:
+    cfg, raw_cfg, classes_txt, labels, listing, image = data
+    from retail_cv.data.formats import read_yolo, write_yolo
+    files = {'images/train/a.png': PNG, 'images/train/b.png': image, 'images/val/c.png': PNG,
+             'labels/train/a.txt': labels[0], 'labels/train/b.txt': labels[1], 'labels/val/c.txt': labels[2],
+             'labels/train/orphan.txt': '0 0.5 0.5 0.1 0.1', 'list.txt': listing}
+    if classes_txt is not None: files['classes.txt'] = classes_txt
+    else: files['data.yaml'] = raw_cfg if raw_cfg is not None else yaml.safe_dump(cfg, allow_unicode=True)
+    with _Folder() as root:
+        _write(root, files)
+        def parse():
+            ds = read_yolo(root)
+            write_yolo(ds, root.parent/'out')  # what was read can be written back, or is refused by name
+        _run('yolo', parse)
+
+YOLO_INPUT = st.tuples(YOLO_CFG, st.none() | st.text(alphabet=st.characters(blacklist_characters='/\\'), max_size=60),
+                       st.none() | st.text(max_size=30), st.tuples(YOLO_LABELS, YOLO_LABELS, YOLO_LABELS),
+                       _lines(NAME.map(lambda n: f'./images/train/{n}') | NAME, '', (1, 1)), IMAGE_BYTES)
+
+# ---- VOC ----------------------------------------------------------------------------------------------------------
+
+def _el(tag: str, inner: str | None) -> str: return '' if inner is None else f'<{tag}>{inner}</{tag}>'
+XTEXT = (TOKEN | st.sampled_from(['10', '1', '0', '-5', '1e400', '&amp;', '<x/>'])).map(lambda s: s if s.startswith(('&', '<')) else escape(s))
+OPT = st.none() | XTEXT
+BNDBOX = st.tuples(OPT, OPT, OPT, OPT).map(lambda t: ''.join(_el(k, v) for k, v in zip(('xmin', 'ymin', 'xmax', 'ymax'), t)))
+OBJECT = st.tuples(OPT, st.none() | BNDBOX, OPT, OPT, OPT).map(
+    lambda t: '<object>' + _el('name', t[0]) + _el('bndbox', t[1]) + _el('difficult', t[2]) + _el('truncated', t[3]) + _el('pose', t[4]) + '</object>')
+VOC_DOC = st.tuples(st.sampled_from(['annotation', 'annotation', 'other']), OPT, st.none() | st.tuples(OPT, OPT), st.lists(OBJECT, max_size=3)).map(
+    lambda t: f"<{t[0]}>{_el('filename', t[1])}{'' if t[2] is None else _el('size', _el('width', t[2][0]) + _el('height', t[2][1]))}{''.join(t[3])}</{t[0]}>")
+LAUGHS = ('<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">'
+          '<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]>')
+DOCTYPES = st.sampled_from([LAUGHS, '<!doctype x>', '<! ENTITY x "y">', '<!DOCTYPE x SYSTEM "file:///etc/passwd">'])
+
+
+def fuzz_voc(data: tuple) -> None:
+    doc, raw, doctype, encoding, split_list, classes, one_based = data
+    from retail_cv.data.formats import read_voc, write_voc
+    text = (f'<?xml version="1.0" encoding="{encoding}"?>' if encoding else '') + (doctype or '') + doc
+    xml = raw if raw is not None else text.encode(encoding or 'utf-8', 'surrogatepass')
+    with _Folder() as root:
+        _write(root, {'Annotations/a.xml': xml, 'Annotations/sub/b.xml': '<annotation><filename>a.png</filename></annotation>',
+                      'JPEGImages/a.png': PNG, 'ImageSets/Main/train.txt': split_list, 'ImageSets/Main/val.txt': 'sub/b\n',
+                      'classes.txt': classes})
+        if doctype and raw is None:  # a document type declaration is refused however it is encoded: no entity is ever expanded
+            with pytest.raises(DataError, match='document type declarations are not allowed'): read_voc(root)
+            OUTCOMES.setdefault('voc', Counter())['refused'] += 1
+            return
+        def parse():
+            ds = read_voc(root, one_based=one_based)
+            write_voc(ds, root.parent/'out')
+        _run('voc', parse)
+
+VOC_INPUT = st.tuples(VOC_DOC, st.none() | st.binary(max_size=60), st.none() | DOCTYPES, st.sampled_from([None, 'utf-8', 'utf-16', 'utf-16-be']),
+                      _lines(st.sampled_from(['a', 'sub/b', 'c', '']) | TOKEN, ' ', (1, 2)), st.text(max_size=20), st.booleans())
+
+# ---- SKU-110K -----------------------------------------------------------------------------------------------------
+
+def _csv(rows: list[list[str]]) -> str:
+    b = io.StringIO(); csv.writer(b).writerows(rows); return b.getvalue()
+
+SKU_ROW = st.tuples(NAME, NUMBER.map(str) | TOKEN, NUMBER.map(str) | TOKEN, NUMBER.map(str) | TOKEN, NUMBER.map(str) | TOKEN,
+                    st.sampled_from(['object', 'gap', '']) | TOKEN, st.sampled_from(['8', '64', '0', '-1', '8.0', '8.5']) | TOKEN,
+                    st.sampled_from(['6', '48', '0']) | TOKEN).map(list)
+SKU_ROWS = st.lists(SKU_ROW | st.lists(TOKEN, max_size=9), max_size=6)
+
+
+def fuzz_sku110k(data: tuple) -> None:
+    rows, header, raw = data
+    from retail_cv.data.formats import read_sku110k
+    head = [['image_name', 'x1', 'y1', 'x2', 'y2', 'class', 'image_width', 'image_height']] if header else []
+    with _Folder() as root:
+        _write(root, {'annotations/annotations_train.csv': raw if raw is not None else _csv(head + rows), 'images/a.png': PNG})
+        _run('sku110k', lambda: read_sku110k(root))
+
+SKU_INPUT = st.tuples(SKU_ROWS, st.booleans(), st.none() | st.binary(max_size=60))
+
+# ---- Grocery lists ------------------------------------------------------------------------------------------------
+
+GROCERY_HEADER = ['Class Name (str)', 'Class ID (int)', 'Coarse Class Name (str)', 'Coarse Class ID (int)',
+                  'Iconic Image Path (str)', 'Product Description Path (str)']
+GROCERY_CLASS = st.tuples(TOKEN, SMALL_INT.map(str) | TOKEN, TOKEN, SMALL_INT.map(str) | TOKEN, TOKEN, TOKEN).map(list)
+GROCERY_LINE = st.tuples(NAME, SMALL_INT.map(str) | TOKEN, SMALL_INT.map(str) | TOKEN).map(', '.join) | st.text(max_size=20)
+
+
+def fuzz_grocery(data: tuple) -> None:
+    classes, header, lines, raw = data
+    from retail_cv.data.formats import read_grocery
+    with _Folder() as root:
+        _write(root, {'classes.csv': raw if raw is not None else _csv(([GROCERY_HEADER] if header else []) + classes),
+                      'train.txt': '\n'.join(lines), 'a.png': PNG})
+        _run('grocery', lambda: read_grocery(root))
+
+GROCERY_INPUT = st.tuples(st.lists(GROCERY_CLASS | st.lists(TOKEN, max_size=7), max_size=4), st.booleans(),
+                          st.lists(GROCERY_LINE, max_size=5), st.none() | st.binary(max_size=60))
+
+# ---- bundle archives and folders ----------------------------------------------------------------------------------
+
+_BUNDLE: dict = {}
+
+def good_bundle() -> dict:
+    "A signed bundle of a tiny classifier (folder and tar), its key, and its files; built once per process."
+    if _BUNDLE: return _BUNDLE
+    import numpy as np
+    from retail_cv.bundle import build_bundle, generate_signing_key
+    from retail_cv.core import Workspace
+    from retail_cv.models import tiny_classifier, to_onnx
+    root = Path(tempfile.mkdtemp(prefix='fuzz-bundle-'))
+    ws = Workspace.open(root/'ws'); key = generate_signing_key(ws)
+    clf = tiny_classifier(2, image_size=16)
+    golden = [np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)]
+    kw = dict(name='fuzz', version='1.0', labels=['a', 'b'], contract=clf.contract(), golden_images=golden, workspace=ws,
+              created_at='2025-01-01T00:00:00+00:00')
+    onnx = to_onnx(clf, root/'m.onnx')
+    folder, tar = build_bundle(root/'good', onnx, **kw), build_bundle(root/'good.tar', onnx, **kw)
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob('*') if p.is_file()}
+    _BUNDLE.update(root=root, folder=folder, tar=tar, tar_bytes=tar.read_bytes(), key=load_key(ws), files=files)
+    return _BUNDLE
+
+def load_key(ws):
+    from retail_cv.bundle import load_signing_key
+    return load_signing_key(None, ws)
+
+MEMBER_NAMES = st.sampled_from(['MANIFEST.json', 'signature.sig', 'bundle.json', 'model.onnx', 'model_card.md', 'model_card.html',
+                                'golden/000.png', 'golden/expected.npz', '../evil', '/abs', 'a/../../b', 'C:x', 'a\\b', './bundle.json',
+                                '', '.', 'golden', 'golden/', './']) | TOKEN
+MEMBER = st.tuples(MEMBER_NAMES, st.sampled_from([tarfile.REGTYPE, tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+                                                  tarfile.CHRTYPE, tarfile.FIFOTYPE, b'7', b'x']), st.none() | st.binary(max_size=30))
+JSON_EDIT = st.lists(st.tuples(st.text(max_size=12) | st.sampled_from(['format_version', 'files', 'name', 'task', 'labels', 'contract',
+                                                                    'golden', 'opset', 'min_ort_version', 'key_id', 'signature', 'algorithm']),
+                               st.none() | JSON), max_size=3)
+
+
+def _edit(obj, edits):
+    "`obj` with drawn top-level keys replaced (None deletes them)."
+    if not isinstance(obj, dict): return obj
+    obj = dict(obj)
+    for k, v in edits:
+        if v is None: obj.pop(k, None)
+        else: obj[k] = v
+    return obj
+
+
+def fuzz_bundle(data: tuple) -> None:
+    mode, flips, cut, members, meta_edits, manifest_edits, use_tar = data
+    from retail_cv.bundle import sign_bundle, verify_bundle
+    b = good_bundle()
+    with _Folder() as root:
+        path = root.parent/'b.tar'
+        if mode == 'bytes':  # the good archive with bytes changed and maybe cut short
+            raw = bytearray(b['tar_bytes'])
+            for off, val in flips: raw[off % len(raw)] = val
+            path.write_bytes(bytes(raw[:cut]) if cut is not None else bytes(raw))
+        elif mode == 'members':  # the good archive's files plus drawn members
+            with tarfile.open(path, 'w') as t:
+                for name, typ, data_ in [(n, tarfile.REGTYPE, d) for n, d in b['files'].items()] + members:
+                    ti = tarfile.TarInfo(name); ti.type = typ
+                    payload = data_ if data_ is not None else b['files'].get(name, b'')
+                    if typ in (tarfile.SYMTYPE, tarfile.LNKTYPE): ti.linkname = '../outside'
+                    if typ == tarfile.REGTYPE: ti.size = len(payload)
+                    t.addfile(ti, io.BytesIO(payload) if typ == tarfile.REGTYPE else None)
+        else:  # 'signed': drawn bundle.json and MANIFEST.json content, signed with the trusted key
+            path = root/'bundle'
+            shutil.copytree(b['folder'], path)
+            meta = _edit(json.loads(b['files']['bundle.json']), meta_edits)
+            (path/'bundle.json').write_text(json.dumps(meta))
+            sign_bundle(path, b['key'])
+            if manifest_edits:
+                manifest = json.dumps(_edit(json.loads((path/'MANIFEST.json').read_bytes()), manifest_edits)).encode()
+                (path/'MANIFEST.json').write_bytes(manifest)
+                sign = json.loads((path/'signature.sig').read_bytes())
+                import base64
+                sign['signature'] = base64.b64encode(b['key'].sign(manifest)).decode()
+                (path/'signature.sig').write_text(json.dumps(sign))
+            if use_tar:
+                tar = root.parent/'signed.tar'
+                with tarfile.open(tar, 'w') as t: t.add(path, arcname='.')
+                path = tar
+        def parse():
+            info = verify_bundle(path, [b['key'].public_key()])
+            info.golden()
+        _run('bundle', parse)
+
+BUNDLE_INPUT = st.tuples(st.sampled_from(['bytes', 'members', 'signed']), st.lists(st.tuples(st.integers(0, 2**20), st.integers(0, 255)), max_size=4),
+                         st.none() | st.integers(0, 40_000), st.lists(MEMBER, max_size=3), JSON_EDIT, JSON_EDIT, st.booleans())
+
+# ---- the targets and their tests ----------------------------------------------------------------------------------
+
+TARGETS = {'coco': (COCO_INPUT, fuzz_coco), 'yolo': (YOLO_INPUT, fuzz_yolo), 'voc': (VOC_INPUT, fuzz_voc),
+           'sku110k': (SKU_INPUT, fuzz_sku110k), 'grocery': (GROCERY_INPUT, fuzz_grocery), 'bundle': (BUNDLE_INPUT, fuzz_bundle)}
+
+
+def fuzz(name: str, n: int, derandomize: bool) -> None:
+    "Run target `name` on `n` drawn inputs."
+    strategy, target = TARGETS[name]
+    @settings(max_examples=n, deadline=None, database=None, derandomize=derandomize,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+    @given(strategy)
+    def run(data): target(data)
+    run()
+
+
+@pytest.mark.parametrize('name', list(TARGETS))
+def test_fuzz(name):
+    OUTCOMES.pop(name, None)
+    fuzz(name, NORMAL, derandomize=True)
+    assert sum(OUTCOMES[name].values()) >= NORMAL and OUTCOMES[name]['refused'] and OUTCOMES[name]['parsed'], OUTCOMES[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', list(TARGETS))
+def test_fuzz_slow(name):
+    OUTCOMES.pop(name, None)
+    fuzz(name, SLOW, derandomize=False)
+    assert sum(OUTCOMES[name].values()) >= SLOW, OUTCOMES[name]
