@@ -1,4 +1,4 @@
-"""From a checkpoint to a signed edge bundle for one device profile: ONNX with its contract in the file, a parity gate against PyTorch, int8 quantisation with an accuracy gate, the precision chosen by measurement on the profile, and a benchmark of every format.
+"""From a checkpoint to a signed edge bundle for one device profile: ONNX with its contract in the file, a parity gate against PyTorch, int8 and fp16 with gates against fp32, the precision chosen by measurement on the profile, and a benchmark of every format.
 
 Docs: https://retail-cv.github.io/retail_cv/export.html.md"""
 
@@ -13,9 +13,9 @@ from ._config import ExportConfig
 from ._export import ExportResult, export
 from ._latency import LatencyStats, choose_precision, measure_latencies, measure_latency
 from ._parity import ParityError, ParityReport, compare_outputs, export_onnx, perturb_onnx_weight
-from ._quantize import quantize_int8
+from ._quantize import convert_fp16, quantize_int8
 from ..profiles import Precision
 
 __all__ = ['Precision', 'FORMATS', 'ExportConfig', 'export_onnx', 'compare_outputs', 'ParityReport', 'ParityError',
-           'perturb_onnx_weight', 'quantize_int8', 'LatencyStats', 'measure_latencies', 'measure_latency',
+           'perturb_onnx_weight', 'quantize_int8', 'convert_fp16', 'LatencyStats', 'measure_latencies', 'measure_latency',
            'choose_precision', 'ExportResult', 'export', 'BenchmarkRow', 'BenchmarkReport', 'benchmark']

@@ -8,28 +8,27 @@ Docs: https://retail-cv.github.io/retail_cv/export_run.html.md"""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
-from ..bundle import Latency, PrecisionChoice, PrecisionMeasurement, build_bundle
+from ..bundle import SIGNING_KEY_ENV, Latency, PrecisionChoice, PrecisionMeasurement, build_bundle, generate_signing_key
 from ..core import ConfigError, Workspace, atomic_write, git_state, parse_model, slugify
 from ..data.store import DatasetVersion
 from ..evaluate import PRIMARY_METRIC, EvalModel, EvalReport, EvalSplit, Split, eval_split, evaluate, load_model, split_settings
 from ._config import ExportConfig
 from ._latency import LatencyStats, choose_precision, measure_latencies
 from ._parity import ParityError, ParityReport, _check_parity, compare_outputs, export_onnx
-from ._quantize import quantize_int8
+from ._quantize import convert_fp16, quantize_int8
 from ..preprocess import PostprocessSpec, preprocess
 from ..profiles import DeviceProfile, Task, get_profile
+
+_log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['ExportResult', 'export']
@@ -52,6 +51,7 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)  # profile mismatches, skipped precisions
     report: Path | None = None  # <profile>.export.json
     timings: dict[str, LatencyStats] = field(default_factory=dict)  # precision -> every latency block behind the choice
+    new_signing_key: Path | None = None  # the workspace signing key this export created, when there was none
 
     def to_dict(self) -> dict[str, Any]:
         "JSON-ready form."
@@ -60,7 +60,8 @@ class ExportResult:
                 'precision': self.precision.model_dump(), 'metrics': self.metrics, 'latency': self.latency.model_dump(),
                 'evaluations': {k: {'metrics': r.metrics, 'speed': r.speed, 'path': str(r.path) if r.path else None}
                                 for k, r in self.evaluations.items()}, 'notes': self.notes,
-                'timings': {k: t.to_dict() for k, t in self.timings.items()}}
+                'timings': {k: t.to_dict() for k, t in self.timings.items()},
+                'new_signing_key': str(self.new_signing_key) if self.new_signing_key else None}
 
 # %% ../../nbs/44a_export_run.ipynb #c2df5ac5
 def _spread(n_total: int, k: int) -> list[int]:
@@ -75,6 +76,16 @@ def _training_data(m: EvalModel) -> str | None:
         data = json.loads((m.run_dir/'config.json').read_text())['data']
         return data.get('ref') or data.get('id')
     return None
+
+# %% ../../nbs/44a_export_run.ipynb #17049488
+def _data_of(m: EvalModel, data: DatasetVersion | str | os.PathLike | None) -> DatasetVersion | str | os.PathLike:
+    "The data to export with: as given, else the dataset version the checkpoint was trained on."
+    if data is not None: return data
+    if (ref := _training_data(m)) is None:
+        raise ConfigError(f"export of {m.source or 'a model in memory'}: no data given, and the model records no dataset version it was "
+                          "trained on (a training checkpoint does, in its run's config.json); pass data=<dataset version>")
+    _log.info("export of %s: evaluating on %s, the dataset version it was trained on", m.source, ref)
+    return ref
 
 # %% ../../nbs/44a_export_run.ipynb #bd4c14a6
 def _name_version(m: EvalModel, sp: EvalSplit, name: str | None, version: str | None) -> tuple[str, str]:
@@ -98,46 +109,86 @@ def _parity_gate(m: EvalModel, fp32: Path, sp: EvalSplit, cfg: ExportConfig, fol
                                       evals['onnx-fp32'].metrics[key], f"{sp.ref} {sp.split}"), cfg), golden, x, evals
 
 # %% ../../nbs/44a_export_run.ipynb #7c44188b
-def _try_int8(m: EvalModel, sp: EvalSplit, fp32: Path, fp32_metric: float, cfg: ExportConfig, folder: Path,
-             ) -> tuple[Path, EvalReport, bool, PrecisionMeasurement]:
-    "Quantise to int8, evaluate it, and gate the drop of the primary metric: file, evaluation, passed, measurement."
+def _agreement(ref: EvalModel, cand: EvalModel, sp: EvalSplit, cfg: ExportConfig) -> dict[str, float]:
+    "`compare_outputs` of a lower precision against fp32 on `agreement_images` images spread over the evaluation split."
+    idx = _spread(len(sp), cfg.agreement_images)
+    x = preprocess([sp.read(k) for k in idx], ref.preprocessing)
+    return {**compare_outputs(ref, cand, x, cfg.parity_rows, cfg.min_box_iou), 'images': len(idx)}
+
+# %% ../../nbs/44a_export_run.ipynb #db3f8707
+def _lowp_verdict(precision: str, metric: str, ref_value: float, value: float, a: Mapping[str, float], cfg: ExportConfig,
+                 ) -> tuple[bool, str]:
+    "Whether a lower precision keeps fp32's metric and answers (`a`: `_agreement`), and a note with every number against its gate."
+    drop, gate = (ref_value - value) * 100, cfg.max_int8_drop_pts if precision == 'int8' else cfg.max_metric_delta_pts
+    n = f"on {a['images']} images"
+    checks = [(drop <= gate, f"{metric} drop {drop:.2f} pt ({'within' if drop <= gate else 'past'} the {gate:g} pt gate)")]
+    if 'top1_agreement' in a:
+        checks.append((a['top1_agreement'] >= cfg.min_lowp_top1_agreement,
+                       f"top-1 agreement with fp32 {a['top1_agreement']:.1%} {n} (gate >= {cfg.min_lowp_top1_agreement:.0%})"))
+    else:
+        checks += [(a['median_box_iou'] >= cfg.min_lowp_median_iou, f"median box IoU with fp32 {a['median_box_iou']:.3f} {n} "
+                    f"(gate >= {cfg.min_lowp_median_iou:g}; lowest {a['min_box_iou']:.3f})"),
+                   (a['median_score_diff'] <= cfg.max_lowp_median_score_diff,
+                    f"median score difference {a['median_score_diff']:.3f} (gate <= {cfg.max_lowp_median_score_diff:g})")]
+    if precision == 'fp16':
+        checks.append((a['max_abs_diff'] <= cfg.max_fp16_abs_diff, f"max |output diff| {a['max_abs_diff']:.3g} (gate <= {cfg.max_fp16_abs_diff:g})"))
+    failed = [t for ok, t in checks if not ok]
+    return not failed, '; '.join(t for _, t in checks) + (f"; refused: {len(failed)} of {len(checks)} gates failed" if failed else '')
+
+# %% ../../nbs/44a_export_run.ipynb #d30ddeeb
+def _gate_lowp(precision: str, ref: EvalModel, ref_value: float, path: Path, sp: EvalSplit, cfg: ExportConfig, folder: Path,
+              ) -> tuple[EvalReport, bool, str]:
+    "Evaluate a lower-precision file and hold it against fp32 (`ref`, metric `ref_value`): evaluation, passed, note."
+    cand = load_model(path, labels=ref.labels)
+    ev, key = evaluate(cand, sp, out_dir=folder/'eval'/f"onnx-{precision}"), PRIMARY_METRIC[ref.task]
+    return ev, *_lowp_verdict(precision, key, ref_value, ev.metrics[key], _agreement(ref, cand, sp, cfg), cfg)
+
+# %% ../../nbs/44a_export_run.ipynb #49ec82dc
+def _try_int8(ref: EvalModel, ref_value: float, sp: EvalSplit, cfg: ExportConfig, folder: Path,
+             ) -> tuple[Path | None, EvalReport | None, bool, PrecisionMeasurement]:
+    "Quantise fp32 (`ref`) to int8 and gate it, unless fp32's metric is too low to gate: file, evaluation, passed, measurement."
+    key = PRIMARY_METRIC[ref.task]
+    if ref_value < cfg.min_int8_reference_metric:
+        (folder/'model.int8.onnx').unlink(missing_ok=True)  # an earlier export's int8 file must not be mistaken for this one's
+        return None, None, False, PrecisionMeasurement(precision='int8', note=f"not tried: fp32 {key} {ref_value:.3f} is below "
+                                                       f"{cfg.min_int8_reference_metric:g}, too low to measure a drop")
     calib_split = sp.resplit(cfg.calibration_split)
     calib = [calib_split.read(k) for k in _spread(len(calib_split), cfg.calibration_images)]
-    ops = cfg.quantize_ops or (['Conv', 'MatMul', 'Gemm'] if m.task == 'detection' else None)
-    path = quantize_int8(fp32, folder/'model.int8.onnx', calib, m.spec.preprocessing, ops)
-    ev = evaluate(load_model(path, labels=m.labels), sp, out_dir=folder/'eval'/'onnx-int8')
-    key = PRIMARY_METRIC[m.task]
-    drop = (fp32_metric - ev.metrics[key]) * 100
-    ok = drop <= cfg.max_int8_drop_pts
-    note = (f"static QDQ per-channel, {len(calib)} {cfg.calibration_split} images; {key} drop {drop:.2f} pt "
-            f"({'within' if ok else 'past'} the {cfg.max_int8_drop_pts:g} pt gate)")
-    return path, ev, ok, PrecisionMeasurement(precision='int8', metrics=ev.metrics, note=note)
+    ops = cfg.quantize_ops or (['Conv', 'MatMul', 'Gemm'] if ref.task == 'detection' else None)
+    path = quantize_int8(ref.source, folder/'model.int8.onnx', calib, ref.preprocessing, ops)
+    ev, ok, note = _gate_lowp('int8', ref, ref_value, path, sp, cfg, folder)
+    return path, ev, ok, PrecisionMeasurement(precision='int8', metrics=ev.metrics,
+                                              note=f"static QDQ per-channel, {len(calib)} {cfg.calibration_split} images; {note}")
 
-# %% ../../nbs/44a_export_run.ipynb #641d75b1
-def _why_not_measured(precision: str) -> str:
-    "Why `precision` (fp16) has no candidate on this machine."
-    if importlib.util.find_spec('onnxconverter_common') is None: return f"{precision} conversion needs onnxconverter-common, which is not installed"
-    if 'CUDAExecutionProvider' not in ort.get_available_providers(): return f"{precision} is only worth measuring on a GPU provider, and this machine has none"
-    return f"{precision} export is not implemented yet"
+# %% ../../nbs/44a_export_run.ipynb #eeac2e4f
+def _try_fp16(ref: EvalModel, ref_value: float, sp: EvalSplit, cfg: ExportConfig, folder: Path,
+             ) -> tuple[Path, EvalReport, bool, PrecisionMeasurement]:
+    "Convert fp32 (`ref`) to fp16 and gate it: file, evaluation, passed, measurement."
+    path = convert_fp16(ref.source, folder/'model.fp16.onnx')
+    ev, ok, note = _gate_lowp('fp16', ref, ref_value, path, sp, cfg, folder)
+    return path, ev, ok, PrecisionMeasurement(precision='fp16', metrics=ev.metrics,
+                                              note=f"fp16 weights and activations, fp32 inputs and outputs; {note}")
 
 # %% ../../nbs/44a_export_run.ipynb #3860d570
 def _candidates(m: EvalModel, sp: EvalSplit, fp32: Path, evals: dict[str, EvalReport], allowed: list[str], cfg: ExportConfig,
-                folder: Path, notes: list[str]) -> tuple[dict[str, Path], dict[str, bool], list[PrecisionMeasurement]]:
+                folder: Path) -> tuple[dict[str, Path], dict[str, bool], list[PrecisionMeasurement]]:
     "The file of each precision, whether it passed its gate, and its measurement (latency still to come)."
     files, passed = {'fp32': fp32}, {'fp32': True}
     meas = [PrecisionMeasurement(precision='fp32', metrics=evals['onnx-fp32'].metrics,
                                  note='reference' + ('' if 'fp32' in allowed else '; not allowed on this profile'))]
+    ref, ref_value = load_model(fp32, labels=m.labels), evals['onnx-fp32'].metrics[PRIMARY_METRIC[m.task]]
     for p in [p for p in allowed if p != 'fp32']:
-        if p == 'int8':
-            files['int8'], evals['onnx-int8'], passed['int8'], pm = _try_int8(
-                m, sp, fp32, evals['onnx-fp32'].metrics[PRIMARY_METRIC[m.task]], cfg, folder)
-            meas.append(pm)
-        else:
-            why = _why_not_measured(p)
-            passed[p] = False
-            meas.append(PrecisionMeasurement(precision=p, note=f"not measured: {why}"))
-            notes.append(f"{p} not measured: {why}")
+        path, ev, passed[p], pm = (_try_int8 if p == 'int8' else _try_fp16)(ref, ref_value, sp, cfg, folder)
+        meas.append(pm)
+        if path is not None: files[p], evals[f"onnx-{p}"] = path, ev
     return files, passed, meas
+
+# %% ../../nbs/44a_export_run.ipynb #fa2af0b2
+def _fp16_note(t: LatencyStats) -> str | None:
+    "Why fp16 timed on a CPU says nothing of its speed on a GPU; None when it ran on another provider."
+    if any(p != 'CPUExecutionProvider' for p in t.providers): return None
+    return ("fp16 was timed on CPUExecutionProvider, which runs most fp16 operations through casts to fp32: slower there, "
+            "it ships only where it is measured faster (on a GPU provider)")
 
 # %% ../../nbs/44a_export_run.ipynb #9a4c91b0
 def _card_text(sp: EvalSplit, parity: ParityReport, notes: list[str], card_notes: str) -> str:
@@ -147,12 +198,18 @@ def _card_text(sp: EvalSplit, parity: ParityReport, notes: list[str], card_notes
             + f"; {parity.metric} delta {parity.metric_delta_pts:.2f} pt.")
     return '\n\n'.join(t for t in [head, *notes, card_notes] if t)
 
-# %% ../../nbs/44a_export_run.ipynb #95bcbae0
-_log = logging.getLogger(__name__)
+# %% ../../nbs/44a_export_run.ipynb #1999aa15
+def _signing_key_on_first_use(key: Any, ws: Workspace) -> Path | None:
+    "Create the workspace's signing key when none is given, set in the environment or kept in the workspace: its file, else None."
+    if key is not None or os.environ.get(SIGNING_KEY_ENV) or (ws/'keys'/'signing.key').is_file(): return None
+    k = generate_signing_key(ws)
+    _log.warning("no signing key yet: created %s (key id %s); devices verify bundles with %s", k.private_key, k.key_id, k.public_key)
+    return k.private_key
 
+# %% ../../nbs/44a_export_run.ipynb #95bcbae0
 def export(model: Any,  # checkpoint, training module, or Classifier/Detector
            profile: DeviceProfile | str | os.PathLike,  # device profile: built-in name, workspace profile, or YAML file
-           data: DatasetVersion | str | os.PathLike,  # data for the golden set, calibration and the metric gates
+           data: DatasetVersion | str | os.PathLike | None = None,  # golden set, calibration, gates; default: the dataset version a checkpoint trained on
            workspace: Workspace | str | os.PathLike | None = None,  # default `Workspace.open()`
            *,
            split: Split = 'val',  # evaluation split
@@ -161,11 +218,10 @@ def export(model: Any,  # checkpoint, training module, or Classifier/Detector
            out_dir: str | os.PathLike | None = None,  # default bundles/<name>/<version>/ in the workspace
            config: ExportConfig | Mapping[str, Any] | None = None,  # tolerances and settings
            postprocessing: PostprocessSpec | Mapping[str, Any] | None = None,  # thresholds shipped in the bundle
-           key: Any = None,  # signing key; see `bundle.load_signing_key` (default: $RETAIL_CV_SIGNING_KEY, then the workspace's)
+           key: Any = None,  # signing key; see `bundle.load_signing_key` (default: $RETAIL_CV_SIGNING_KEY, then the workspace's, created on first use)
            license: str = 'proprietary',  # licence written into the bundle
            card_notes: str = '',  # extra Markdown for the model card
            overwrite: bool = True,  # replace an earlier bundle of the same (name, version, profile)
-           _corrupt: Callable[[onnx.ModelProto], Any] | None = None,  # test hook: damage the fp32 graph before the gate
            **overrides: Any,  # ExportConfig fields
           ) -> ExportResult:
     "Export, gate, quantise, measure on the profile, and build the signed bundle."
@@ -175,7 +231,7 @@ def export(model: Any,  # checkpoint, training module, or Classifier/Detector
     prof = get_profile(profile, ws)
     m = load_model(model, workspace=ws)
     if m.kind != 'torch': raise ConfigError(f"export starts from a PyTorch model or checkpoint, got the ONNX model {m.source}")
-    sp = eval_split(data, split, ws, **split_settings(m))
+    sp = eval_split(_data_of(m, data), split, ws, **split_settings(m))
     m.bind_labels(sp.dataset)
     m.postprocessing = post = postprocessing if isinstance(postprocessing, PostprocessSpec) else parse_model(PostprocessSpec, dict(postprocessing or {}))
     name, version = _name_version(m, sp, name, version)
@@ -183,12 +239,8 @@ def export(model: Any,  # checkpoint, training module, or Classifier/Detector
     notes = []
     if (want := prof.input_size.get(m.task)) is not None and want != m.spec.image_size:
         notes.append(f"profile {prof.name!r} expects {want} px input for {m.task}; the model was trained at {m.spec.image_size} px and is exported at that size")
-    # 1. ONNX fp32, with metadata
+    # 1. ONNX fp32, with metadata, and 2. the parity gate
     fp32 = export_onnx(m.module, folder/'model.fp32.onnx', name, version, m.labels, post)
-    if _corrupt is not None:
-        g = onnx.load(str(fp32)); _corrupt(g); atomic_write(fp32, g.SerializeToString())
-        _log.warning("export of %s: the fp32 graph was deliberately damaged by the _corrupt hook", name)
-    # 2. the parity gate
     parity, golden, x, evals = _parity_gate(m, fp32, sp, cfg, folder)
     report_path = folder/f"{prof.name}.export.json"
     if not parity.passed:
@@ -197,14 +249,15 @@ def export(model: Any,  # checkpoint, training module, or Classifier/Detector
         raise ParityError(f"parity gate failed for {fp32} against PyTorch: " + '; '.join(parity.failures), parity)
     # 3. every precision the profile allows, timed together in rotated blocks so a burst of other work cannot decide
     allowed = list(cfg.precisions or prof.precisions)
-    files, passed, meas = _candidates(m, sp, fp32, evals, allowed, cfg, folder, notes)
+    files, passed, meas = _candidates(m, sp, fp32, evals, allowed, cfg, folder)
     timings = measure_latencies(files, x[:1], prof, cfg.latency_runs, cfg.latency_warmup, cfg.latency_repeats, ws)
+    if 'fp16' in timings and (why := _fp16_note(timings['fp16'])): notes.append(why)
     lat = {p: t.latency(prof.name) for p, t in timings.items()}
     meas = [pm.model_copy(update={'latency_ms': lat[pm.precision].p50_ms}) if pm.precision in lat else pm for pm in meas]
     choice = choose_precision(meas, allowed, passed, cfg.min_speedup, prof.name)
     chosen, shipped = choice.chosen, evals[f"onnx-{choice.chosen}"]
     # 4. the signed bundle
-    git = git_state()
+    git, new_key = git_state(), _signing_key_on_first_use(key, ws)
     bundle = build_bundle(folder/f"{name}-{version}-{prof.name}.tar.gz", files[chosen], name=name, version=version, labels=m.labels,
                           contract=m.module.contract() if m.task == 'classification' else m.module.contract(batch_size=1),
                           postprocessing=post, golden_images=golden, key=key, workspace=ws, profile=prof.name,
@@ -213,7 +266,7 @@ def export(model: Any,  # checkpoint, training module, or Classifier/Detector
                                       'git_commit': git['commit'], 'git_dirty': git['dirty']},
                           license=license, card_notes=_card_text(sp, parity, notes, card_notes), overwrite=overwrite)
     result = ExportResult(bundle, prof.name, name, version, m.task, files, parity, choice, shipped.metrics, lat[chosen], evals,
-                          notes, report_path, timings)
+                          notes, report_path, timings, new_key)
     atomic_write(report_path, json.dumps(result.to_dict(), indent=1, default=str) + '\n')
     _log.info("exported %s %s for %s: %s (%s)", name, version, prof.name, bundle, choice.reason)
     return result

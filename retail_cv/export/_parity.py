@@ -95,6 +95,7 @@ def compare_outputs(reference: EvalModel,  # usually PyTorch
         io, d, t = _match_rows({k: v[i] for k, v in a.items()}, {k: v[i] for k, v in b.items()}, parity_rows, tie_tol)
         ious, diffs, tied_rows = ious + io, diffs + d, tied_rows + t
     return {'max_abs_diff': max(diffs, default=0.0), 'min_box_iou': min(ious, default=1.0),
+            'median_box_iou': float(np.median(ious)) if ious else 1.0, 'median_score_diff': float(np.median(diffs)) if diffs else 0.0,
             'box_agreement': float(np.mean(np.array(ious) >= min_box_iou)) if ious else 1.0, 'rows_compared': len(ious),
             'tied_rows': tied_rows}
 

@@ -1,4 +1,4 @@
-"""`quantize_int8`: ONNX Runtime's static QDQ quantisation with per-channel weights, calibrated on real images preprocessed by the model's own spec.
+"""`quantize_int8`: ONNX Runtime's static QDQ quantisation with per-channel weights, calibrated on real images preprocessed by the model's own spec; `convert_fp16`: fp16 weights and activations behind fp32 inputs and outputs.
 
 Docs: https://retail-cv.github.io/retail_cv/export_quantize.html.md"""
 
@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
+from onnxconverter_common import float16
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -26,7 +27,7 @@ from ..preprocess import ImageSource, preprocess
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['quantize_int8']
+__all__ = ['quantize_int8', 'convert_fp16']
 
 # %% ../../nbs/43a_export_quantize.ipynb #1992720e
 class _Calibration(CalibrationDataReader):
@@ -80,3 +81,14 @@ def quantize_int8(fp32_path: str | os.PathLike,  # the fp32 ONNX model
         data = (Path(td)/'int8.onnx').read_bytes()
     atomic_write(out_path, data)
     return set_onnx_metadata(out_path, **{**meta, 'precision': 'int8'})
+
+# %% ../../nbs/43a_export_quantize.ipynb #a78f60ab
+def convert_fp16(fp32_path: str | os.PathLike,  # the fp32 ONNX model
+                 out_path: str | os.PathLike,  # the fp16 model to write
+                ) -> Path:
+    "fp16 weights and activations with fp32 inputs and outputs (onnxconverter-common); written atomically."
+    model = onnx.load(str(fp32_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    half = float16.convert_float_to_float16(model, keep_io_types=True)
+    atomic_write(out_path, half.SerializeToString())
+    return set_onnx_metadata(out_path, **{**meta, 'precision': 'fp16'})

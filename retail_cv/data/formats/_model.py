@@ -201,7 +201,7 @@ class Dataset:
         cats = _coco_records(coco, 'categories', Category.from_coco, source)
         ims = _coco_records(coco, 'images', ImageRecord.from_coco, source)
         anns = _coco_records(coco, 'annotations', Annotation.from_coco, source)
-        info = dict(coco.get('info') or {})
+        info = dict(_typed(coco, 'info', 'mapping', source, 'top level', {}))
         task = info.pop('task', None) or ('detection' if any(a.bbox is not None for a in anns) or not anns else 'classification')
         return cls(Path(root), task, cats, ims, anns, info)
 

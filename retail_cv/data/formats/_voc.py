@@ -11,6 +11,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from xml.parsers import expat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,13 +26,14 @@ __all__ = ['read_voc', 'write_voc']
 # %% ../../../nbs/11b_formats_voc.ipynb #f98e1d76
 def _parse_xml(path: Path) -> ET.Element:
     "The root element of an XML file without a document type declaration, or `DataError` naming line and column."
-    data = path.read_bytes()
-    if re.search(rb'<!\s*(DOCTYPE|ENTITY)', data, re.I):
-        raise DataError(f"{path}: XML document type declarations are not allowed")
-    try: return ET.fromstring(data)
-    except ET.ParseError as e:
-        line, col = e.position
-        raise DataError(f"{path} line {line}, column {col + 1}: not well-formed XML") from None
+    data, check = path.read_bytes(), expat.ParserCreate()
+    def refuse(*_): raise DataError(f"{path}: XML document type declarations are not allowed")
+    check.StartDoctypeDeclHandler = check.EntityDeclHandler = refuse  # called before any entity could be expanded
+    try: check.Parse(data, True); return ET.fromstring(data)
+    except DataError: raise
+    except expat.ExpatError as e: raise DataError(f"{path} line {e.lineno}, column {e.offset + 1}: not well-formed XML ({expat.ErrorString(e.code)})") from None
+    except ET.ParseError as e: raise DataError(f"{path} line {e.position[0]}, column {e.position[1] + 1}: not well-formed XML") from None
+    except ValueError as e: raise DataError(f"{path}: cannot read its XML encoding ({e}); write VOC files as UTF-8") from None
 
 # %% ../../../nbs/11b_formats_voc.ipynb #e6b32712
 def _xml_num(el: ET.Element, tag: str, src: Path, where: str, required: bool = True) -> float | None:

@@ -63,7 +63,10 @@ def _yolo_config(cfg_file: Path) -> tuple[Path, dict[int, str], list[tuple[str, 
     if cfg.get('path'):
         p = Path(str(cfg['path'])); p = p if p.is_absolute() else cfg_file.parent/p
         root = p if p.is_dir() else cfg_file.parent
-    entries = [(k, e) for k in ('train', 'val', 'test') for e in ([cfg[k]] if isinstance(cfg.get(k), str) else cfg.get(k) or [])]
+    listed = {k: cfg[k] if isinstance(cfg.get(k), list) else [cfg[k]] if cfg.get(k) else [] for k in ('train', 'val', 'test')}
+    entries = [(k, e) for k, es in listed.items() for e in es]
+    if bad := next((k for k, e in entries if not isinstance(e, str)), None):
+        raise DataError(f"{cfg_file} field {bad!r}: expected a path or a list of paths, got {cfg[bad]!r}")
     return root, names, [_yolo_entry(root, cfg_file, k, e) for k, e in entries]
 
 # %% ../../../nbs/11a_formats_yolo.ipynb #f7f0256b
