@@ -18,8 +18,9 @@ measured; it runs before and after the per-profile runs and keeps the less distu
 development machine is shared and a burst of other work only ever adds time. Then once per profile: ONNX Runtime with the profile's providers and threads, PyTorch with
 `torch.set_num_threads` of the profile's intra-op threads (a profile with more threads than this machine has cores,
 such as shelf-cam-x86's 4 on a 2-core box, oversubscribes both and says more about the box than the runtimes).
-Then `retail_cv.export.export` runs the full export for the profile (parity gate, int8 quantisation with its accuracy
-gate, latency of each allowed precision on the profile, timed together with `measure_latencies` in `--repeats` rotated
+Then `retail_cv.export.export` runs the full export for the profile (parity gate; int8 and, on gpu-cuda, fp16, each
+gated against fp32 on its metric drop and its agreement with fp32's answers, int8 not tried when fp32's own metric is
+below 0.10 as the recalibrated detector's is; latency of each allowed precision on the profile, timed together with `measure_latencies` in `--repeats` rotated
 blocks) and the result records the chosen precision and why, with every block's median (`latency_blocks`).
 """
 from __future__ import annotations

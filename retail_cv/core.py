@@ -27,10 +27,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # %% auto #0
-__all__ = ['RetailCVError', 'ConfigError', 'WorkspaceError', 'DataError', 'IntegrityError', 'DependencyError', 'atomic_open',
-           'atomic_write', 'sha256_bytes', 'sha256_file', 'canonical_json', 'utc_now', 'slugify', 'pid_alive',
-           'git_state', 'seed_everything', 'StrictModel', 'parse_model', 'read_yaml', 'Settings', 'load_settings',
-           'Workspace']
+__all__ = ['Task', 'RetailCVError', 'ConfigError', 'WorkspaceError', 'DataError', 'IntegrityError', 'DependencyError',
+           'atomic_open', 'atomic_write', 'sha256_bytes', 'sha256_file', 'canonical_json', 'utc_now', 'slugify',
+           'pid_alive', 'git_state', 'seed_everything', 'StrictModel', 'parse_model', 'read_yaml', 'Settings',
+           'load_settings', 'Workspace']
 
 # %% ../nbs/00_core.ipynb #1dd3010d
 class RetailCVError(Exception):
@@ -173,6 +173,9 @@ def seed_everything(seed: int,  # the run's seed
 class StrictModel(BaseModel):
     "Base of every retail_cv config: unknown keys are errors, assignments are validated."
     model_config = ConfigDict(extra='forbid', validate_assignment=True)
+
+# %% ../nbs/00_core.ipynb #4a2cf2a3
+Task = Literal['classification', 'detection']  # what a model does: name the object, or find boxes of it
 
 # %% ../nbs/00_core.ipynb #aa83a91a
 def _describe(err: Mapping[str, Any], sources: Mapping[str, str]) -> str:

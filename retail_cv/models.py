@@ -25,8 +25,7 @@ from torchvision.models import detection as tvdet
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
 
-from .core import ConfigError, IntegrityError, StrictModel, atomic_write, parse_model, sha256_file
-from .profiles import Task
+from .core import ConfigError, IntegrityError, StrictModel, Task, atomic_write, parse_model, sha256_file
 
 _log = logging.getLogger(__name__)
 

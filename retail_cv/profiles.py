@@ -16,16 +16,13 @@ from typing import Any, Literal, Mapping, Sequence
 import onnxruntime as ort
 from pydantic import Field, field_validator, model_validator
 
-from .core import ConfigError, StrictModel, Workspace, parse_model, read_yaml
+from .core import ConfigError, StrictModel, Task, Workspace, parse_model, read_yaml
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['Task', 'Precision', 'BUILTIN_PROFILES', 'PROFILES_ENV', 'DeviceProfile', 'load_profile_file', 'find_profiles',
-           'get_profile', 'providers_for', 'session_options']
-
-# %% ../nbs/02_profiles.ipynb #2c391202
-Task = Literal['classification', 'detection']
+__all__ = ['Precision', 'BUILTIN_PROFILES', 'PROFILES_ENV', 'DeviceProfile', 'load_profile_file', 'find_profiles', 'get_profile',
+           'providers_for', 'session_options']
 
 # %% ../nbs/02_profiles.ipynb #bb248e7a
 Precision = Literal['fp32', 'fp16', 'int8']

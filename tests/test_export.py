@@ -182,7 +182,7 @@ def test_accuracy_gate_decides_with_the_measured_drop(ws, grocery, trained):
 
 
 def test_gpu_profile_gates_fp16_and_does_not_choose_it_on_cpu(ws, grocery, trained):
-    "fp16 is converted, passes its parity gate against fp32 on CPU, is timed, and is not chosen: on CPU it is slower."
+    "fp16 is converted, passes its parity gate against fp32 on CPU, is timed, and is not chosen: a CPU timing does not measure fp16."
     res = export(trained.best_checkpoint, 'gpu-cuda', grocery, ws, version='gpu', latency_runs=5)
     by = {m.precision: m for m in res.precision.measurements}
     fp16 = by['fp16']
@@ -196,10 +196,12 @@ def test_gpu_profile_gates_fp16_and_does_not_choose_it_on_cpu(ws, grocery, train
     assert 0 < diff <= ExportConfig().max_fp16_abs_diff and (logits(res.onnx['fp32']).argmax(1) == logits(res.onnx['fp16']).argmax(1)).all()
     assert f"max |output diff| {diff:.3g} (gate <= 0.01)" in fp16.note and 'refused' not in fp16.note
     assert fp16.metrics['top1'] == by['fp32'].metrics['top1']
-    # timed on the CPU (no CUDA here): slower than fp32, so not chosen, and the reason says both numbers
-    assert res.timings['fp16'].providers == ['CPUExecutionProvider'] and fp16.latency_ms > by['fp32'].latency_ms
-    assert res.precision.chosen != 'fp16' and f"fp16 {fp16.latency_ms:.2f} ms vs fp32 {by['fp32'].latency_ms:.2f} ms" in res.precision.reason
-    assert any(n.startswith('fp16 was timed on CPUExecutionProvider') for n in res.notes)
+    # timed on the CPU (no CUDA here), which runs it as fp32 behind casts: whatever the numbers, not chosen, and the reason says why
+    assert res.timings['fp16'].providers == ['CPUExecutionProvider'] and fp16.latency_ms > 0 and res.precision.chosen == 'fp32'
+    why = "timed on CPUExecutionProvider, which runs most fp16 operations as fp32 behind casts: no measure of fp16's own speed"
+    speed = by['fp32'].latency_ms / fp16.latency_ms
+    assert (f"fp16 {fp16.latency_ms:.2f} ms vs fp32 {by['fp32'].latency_ms:.2f} ms on gpu-cuda ({speed:.2f}x), not chosen: {why}"
+            in res.precision.reason) and f"fp16 not chosen: {why}" in res.notes
     assert any("expects 224 px input" in n for n in res.notes)  # the profile's size, noted, not silently changed
 
 
@@ -319,9 +321,9 @@ def test_detection_checkpoint_with_tied_scores_never_ships_int8(ws, shelves):
     assert res.parity.passed and o['tied_rows'] > 0 and o['max_abs_diff'] <= 1e-4
     assert res.parity.metric_delta_pts <= 0.1
     fp32_map = res.evaluations['onnx-fp32'].metrics['map50_95']
-    assert fp32_map == 0.0
+    assert fp32_map < 0.01  # one batch seen: next to nothing found (0.0009 here)
     int8 = next(m for m in res.precision.measurements if m.precision == 'int8')
-    assert int8.note == 'not tried: fp32 map50_95 0.000 is below 0.1, too low to measure a drop' and int8.latency_ms is None
+    assert int8.note == f"not tried: fp32 map50_95 {fp32_map:.3f} is below 0.1, too low to measure a drop" and int8.latency_ms is None
     assert res.precision.chosen == 'fp32' and 'int8' not in res.onnx and 'onnx-int8' not in res.evaluations
     assert verify_bundle(res.bundle, workspace=ws).meta.precision.chosen == 'fp32'
     assert res.evaluations['torch'].data == shelves.ref  # no data given: the checkpoint's own dataset version
@@ -339,18 +341,20 @@ def _swap_logits(src: Path, dst: Path, a: int, b: int, n: int) -> Path:
 
 
 def test_int8_that_flips_every_answer_is_refused_at_equal_metric(grocery, tmp_path):
-    """An untrained classifier answers one class for every photo (top-1 3/21); its real int8 file, with that class's
-    logit traded for the next one's, answers the next class for every photo: the same top-1, no answer in common."""
+    """An untrained classifier with a bias on its first class answers that class for every photo (top-1 3/21); its real
+    int8 file, with that logit traded for the second class's, answers the second class for every photo: the same top-1,
+    no answer in common."""
     sp = eval_split(grocery, 'val')
     toy = load_model(tiny_classifier(7)).bind_labels(sp.dataset)
+    with torch.no_grad(): [l for l in toy.module.modules() if isinstance(l, torch.nn.Linear)][-1].bias[0] += 4  # a margin int8 keeps
     fp32 = export_onnx(toy.module, tmp_path/'model.fp32.onnx', 'toy', 'dev', toy.labels)
     ref = load_model(fp32, labels=toy.labels)
     answers = ref.run(preprocess([sp.read(k) for k in range(len(sp))], ref.preprocessing))['logits'].argmax(1)
-    assert len(set(answers)) == 1
+    assert set(answers.tolist()) == {0}
     ref_top1 = evaluate(ref, sp, write=False).metrics['top1']
     assert ref_top1 == pytest.approx(3 / 21)
     int8 = quantize_int8(fp32, tmp_path/'model.int8.onnx', [sp.resplit('train').read(k) for k in range(8)], ref.preprocessing)
-    flipped = _swap_logits(int8, tmp_path/'flipped.onnx', int(answers[0]), (int(answers[0]) + 1) % 7, 7)
+    flipped = _swap_logits(int8, tmp_path/'flipped.onnx', 0, 1, 7)
     ev, ok, note = _gate_lowp('int8', ref, ref_top1, flipped, sp, ExportConfig(), tmp_path)
     assert ev.metrics['top1'] == ref_top1 and not ok  # equal metric, refused
     assert note == ('top1 drop 0.00 pt (within the 1 pt gate); top-1 agreement with fp32 0.0% on 21 images (gate >= 99%); '

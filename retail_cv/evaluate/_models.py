@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from ..bundle import META_FILE
-from ..core import ConfigError, DataError, IntegrityError, Workspace, atomic_write, parse_model
+from ..core import ConfigError, DataError, IntegrityError, Task, Workspace, atomic_write, parse_model
 from ..data.formats import Dataset
 from ..data.loading import LabelMap
 from ..models import Classifier, Detector, ModelSpec, build_model, load_weights, wrap
 from ..preprocess import PostprocessSpec, PreprocessSpec, as_preprocess_spec
-from ..profiles import DeviceProfile, Precision, Task, get_profile, providers_for, session_options
+from ..profiles import DeviceProfile, Precision, get_profile, providers_for, session_options
 from ..runtime import Predictor
 
 # %% auto #0

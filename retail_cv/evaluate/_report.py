@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import retail_cv
-from ..core import atomic_write
+from ..core import Task, atomic_write
 from ._data import EvalSplit
 from ._plots import plot_confusion, plot_pr_curves, plot_samples
-from ..profiles import Task
 
 # %% auto #0
 __all__ = ['PRIMARY_METRIC', 'EvalReport']

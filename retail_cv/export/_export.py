@@ -185,10 +185,9 @@ def _candidates(m: EvalModel, sp: EvalSplit, fp32: Path, evals: dict[str, EvalRe
 
 # %% ../../nbs/44a_export_run.ipynb #fa2af0b2
 def _fp16_note(t: LatencyStats) -> str | None:
-    "Why fp16 timed on a CPU says nothing of its speed on a GPU; None when it ran on another provider."
+    "Why fp16's timing cannot choose it (it ran on the CPU only); None when it ran on another provider."
     if any(p != 'CPUExecutionProvider' for p in t.providers): return None
-    return ("fp16 was timed on CPUExecutionProvider, which runs most fp16 operations through casts to fp32: slower there, "
-            "it ships only where it is measured faster (on a GPU provider)")
+    return "timed on CPUExecutionProvider, which runs most fp16 operations as fp32 behind casts: no measure of fp16's own speed"
 
 # %% ../../nbs/44a_export_run.ipynb #9a4c91b0
 def _card_text(sp: EvalSplit, parity: ParityReport, notes: list[str], card_notes: str) -> str:
@@ -251,10 +250,11 @@ def export(model: Any,  # checkpoint, training module, or Classifier/Detector
     allowed = list(cfg.precisions or prof.precisions)
     files, passed, meas = _candidates(m, sp, fp32, evals, allowed, cfg, folder)
     timings = measure_latencies(files, x[:1], prof, cfg.latency_runs, cfg.latency_warmup, cfg.latency_repeats, ws)
-    if 'fp16' in timings and (why := _fp16_note(timings['fp16'])): notes.append(why)
+    ineligible = {'fp16': why} if 'fp16' in timings and (why := _fp16_note(timings['fp16'])) else {}
+    notes += [f"{p} not chosen: {why}" for p, why in ineligible.items()]
     lat = {p: t.latency(prof.name) for p, t in timings.items()}
     meas = [pm.model_copy(update={'latency_ms': lat[pm.precision].p50_ms}) if pm.precision in lat else pm for pm in meas]
-    choice = choose_precision(meas, allowed, passed, cfg.min_speedup, prof.name)
+    choice = choose_precision(meas, allowed, passed, cfg.min_speedup, prof.name, ineligible)
     chosen, shipped = choice.chosen, evals[f"onnx-{choice.chosen}"]
     # 4. the signed bundle
     git, new_key = git_state(), _signing_key_on_first_use(key, ws)

@@ -161,10 +161,12 @@ def choose_precision(measurements: Sequence[PrecisionMeasurement],  # every prec
                      passed: Mapping[str, bool],  # whether each passed its gate
                      min_speedup: float = 1.05,  # how much faster a lower precision must be
                      profile: str = '',  # named in the reason
+                     ineligible: Mapping[str, str] | None = None,  # precision -> why its timing cannot choose it
                     ) -> PrecisionChoice:
     "The precision to ship, and why, from measured latency and gates."
     by = {m.precision: m for m in measurements}
-    ok = [p for p in allowed if p in by and passed.get(p, False) and by[p].latency_ms is not None]
+    skip = dict(ineligible or {})
+    ok = [p for p in allowed if p in by and passed.get(p, False) and by[p].latency_ms is not None and p not in skip]
     where = f" on {profile}" if profile else ''
     if 'fp32' in ok:
         chosen, why = 'fp32', []
@@ -173,9 +175,10 @@ def choose_precision(measurements: Sequence[PrecisionMeasurement],  # every prec
             m = by[p]
             if m.latency_ms is None: why.append(f"{p} not measured ({m.note})"); continue
             if not passed.get(p, False): why.append(f"{p} failed its accuracy gate ({m.note})"); continue
-            speed = base / m.latency_ms
+            speed, line = base / m.latency_ms, f"{p} {m.latency_ms:.2f} ms vs fp32 {base:.2f} ms{where} ({base / m.latency_ms:.2f}x)"
+            if p in skip: why.append(f"{line}, not chosen: {skip[p]}"); continue
             if speed >= min_speedup and (chosen == 'fp32' or m.latency_ms < by[chosen].latency_ms): chosen = p
-            why.append(f"{p} {m.latency_ms:.2f} ms vs fp32 {base:.2f} ms{where} ({speed:.2f}x)")
+            why.append(line)
         head = (f"{chosen}: {base / by[chosen].latency_ms:.2f}x faster than fp32{where} and within its accuracy gate"
                 if chosen != 'fp32' else "fp32: no lower precision was both faster and accurate enough")
         return PrecisionChoice(chosen=chosen, reason=head + ('; ' + '; '.join(why) if why else ''), measurements=list(measurements))

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..core import StrictModel
+from ..core import StrictModel, Task
 from ..data.loading import PipelineConfig
 from ..models import DEFAULT_ARCH, ModelSpec
 
@@ -49,7 +49,7 @@ def _check_pipeline_options(v: dict[str, Any]) -> dict[str, Any]:
 # %% ../../nbs/30a_train_config.ipynb #657a89b0
 class TrainConfig(StrictModel):
     "Every hyper-parameter of a training run; the single source of their defaults."
-    task: Literal['classification', 'detection'] = Field('classification', description="filled from `arch` when omitted")
+    task: Task = Field('classification', description="filled from `arch` when omitted")
     arch: str = Field(description="a name from `models.architectures()`; default `models.DEFAULT_ARCH[task]`")
     image_size: int = Field(description="side of the square model input, pixels; default the architecture's")
     epochs: int = Field(10, ge=1, description="training epochs")

@@ -18,7 +18,7 @@ import lightning.pytorch as L
 import optuna
 from optuna_integration import PyTorchLightningPruningCallback
 
-from ..core import ConfigError, Workspace, parse_model
+from ..core import ConfigError, Task, Workspace, parse_model
 from ..data.store import DatasetVersion
 from ..train import TrainConfig, TrainingError, fit, make_datamodule
 from ._results import TuneResult
@@ -108,7 +108,7 @@ def _check_enqueue(enqueue: Sequence[Mapping[str, Any]], space: SearchSpace) -> 
 # %% ../../nbs/41_tune_search.ipynb #412cec95
 _TUNE = {k: f.default for k, f in TuneConfig.model_fields.items()}  # defaults have one home: TuneConfig
 
-def tune(task: Literal['classification', 'detection'],  # what to train
+def tune(task: Task,  # what to train
          data: DatasetVersion | str | os.PathLike,  # dataset version, store reference ('name@id'), or dataset folder/file
          trials: int = _TUNE['trials'],  # trials this call runs (split over `n_jobs` processes)
          *,

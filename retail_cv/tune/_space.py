@@ -16,7 +16,7 @@ from typing import Any, Literal, Mapping, Sequence
 import optuna
 from pydantic import Field, model_validator
 
-from ..core import ConfigError, StrictModel, parse_model, read_yaml
+from ..core import ConfigError, StrictModel, Task, parse_model, read_yaml
 
 # %% auto #0
 __all__ = ['ParamSpec', 'SearchSpace', 'default_space']
@@ -166,7 +166,7 @@ _DEFAULT_SPACES: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 
-def default_space(task: Literal['classification', 'detection'],  # the task searched
+def default_space(task: Task,  # the task searched
                  ) -> SearchSpace:
     "The search space `tune` uses for `task` when given none."
     if task not in _DEFAULT_SPACES: raise ConfigError(f"task must be one of {sorted(_DEFAULT_SPACES)}, got {task!r}")
