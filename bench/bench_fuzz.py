@@ -60,8 +60,14 @@ def main() -> None:
         if p.returncode == 0: results[name] = json.loads(p.stdout.strip().splitlines()[-1])
         else: results[name] = {'failed': True, 'error': p.stderr[-3000:]}
         print(name, json.dumps({k: v for k, v in results[name].items() if k != 'error'}), file=sys.stderr, flush=True)
+        write(a, results, load_before, t0)  # after every target, so a long run that is stopped keeps what it measured
+
+
+def write(a: argparse.Namespace, results: dict, load_before: tuple, t0: float) -> None:
+    "Write the report so far to `a.out` (atomically)."
     import hypothesis
     report = {'cases_per_target': a.n, 'coverage_target': TARGET, 'targets': results,
+              'done': list(results), 'pending': [t for t in a.targets if t not in results],
               'all_passed': all(not r.get('failed') for r in results.values()),
               'all_meet_target': all(r.get('meets_target') for r in results.values()),
               'seconds': round(time.perf_counter() - t0, 1), 'loadavg_before': [round(x, 2) for x in load_before],
@@ -69,7 +75,6 @@ def main() -> None:
               'python': platform.python_version(), 'hypothesis': hypothesis.__version__}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(a.out).with_suffix('.json.tmp'); tmp.write_text(json.dumps(report, indent=1) + '\n'); os.replace(tmp, a.out)
-    print(json.dumps(report, indent=1))
 
 
 if __name__ == '__main__':
