@@ -1,5 +1,8 @@
 """Fuzzed parsers: whatever bytes arrive, a reader returns a dataset (or a verified bundle) or raises a retail_cv error.
 
+Dataset formats, validation and bundle archives, plus (through their public functions only) job parameters,
+pipeline files and device profiles.
+
 Each target writes one drawn input to a fresh folder and parses it. Anything but a `RetailCVError` escaping is a bug.
 200 cases per target run in the normal suite (derandomized, so CI is reproducible); `-m slow` runs 10,000 per target
 with fresh randomness. `bench/bench_fuzz.py` runs the same targets under `coverage` and writes bench/results/fuzz.json.
@@ -327,10 +330,56 @@ def fuzz_bundle(data: tuple) -> None:
 BUNDLE_INPUT = st.tuples(st.sampled_from(['bytes', 'members', 'signed']), st.lists(st.tuples(st.integers(0, 2**20), st.integers(0, 255)), max_size=4),
                          st.none() | st.integers(0, 40_000), st.lists(MEMBER, max_size=3), JSON_EDIT, JSON_EDIT, st.booleans())
 
+# ---- parsers other modules own, through their public functions: job parameters, pipeline and profile YAML ------------
+
+PARAM_KEYS = st.sampled_from(['epochs', 'lr', 'data', 'arch', 'seed', 'x']) | TOKEN
+
+
+def fuzz_params(data: tuple) -> None:
+    text, pairs = data
+    from retail_cv.jobs import parse_params, validate_params
+    with _Folder() as root:
+        _write(root, {'p.yaml': text})
+        _run('params', lambda: validate_params(Path(__file__).resolve().parents[1]/'nbs'/'jobs'/'train.ipynb', parse_params(pairs, root/'p.yaml')))
+
+PARAMS_INPUT = st.tuples(_mostly(st.dictionaries(PARAM_KEYS, _mostly(st.sampled_from([1, 0.01, 'grocery@latest', 'resnet18']), JSON), max_size=4).map(yaml.safe_dump), st.text(max_size=40)),
+                         st.lists(_mostly(st.tuples(PARAM_KEYS, TOKEN).map('='.join), TOKEN), max_size=3))
+
+STEP = st.fixed_dictionaries({'job': _mostly(st.sampled_from(['train', 'evaluate', 'nope']), TOKEN)},
+                             optional={'needs': st.lists(st.sampled_from(['a', 'b', 'c']), max_size=2),
+                                       'params': st.dictionaries(PARAM_KEYS, JSON | st.sampled_from(['${a.outputs.x}', '${b}', '${', '$${a}']), max_size=2)})
+PIPELINE = _mostly(st.fixed_dictionaries({'name': _mostly(st.sampled_from(['p', 'shelf-1']), TOKEN),
+                                          'steps': st.dictionaries(_mostly(st.sampled_from(['a', 'b', 'c']), TOKEN), _mostly(STEP, JSON), min_size=1, max_size=3)}), JSON)
+
+
+def fuzz_pipeline(data: tuple) -> None:
+    obj, raw = data
+    from retail_cv.pipeline import load_pipeline
+    with _Folder() as root:
+        _write(root, {'pipeline.yaml': raw if raw is not None else yaml.safe_dump(obj, allow_unicode=True)})
+        _run('pipeline', lambda: load_pipeline(root/'pipeline.yaml'))
+
+PIPELINE_INPUT = st.tuples(PIPELINE, _mostly(st.none(), st.text(max_size=60)))
+
+
+def fuzz_profile(data: tuple) -> None:
+    edits, raw = data
+    from retail_cv.profiles import BUILTIN_PROFILES, load_profile_file
+    with _Folder() as root:
+        obj = _edit(BUILTIN_PROFILES['shelf-cam-x86'].model_dump(), edits)
+        _write(root, {'profile.yaml': raw if raw is not None else yaml.safe_dump(obj, allow_unicode=True)})
+        _run('profile', lambda: load_profile_file(root/'profile.yaml'))
+
+PROFILE_KEYS = st.sampled_from(['name', 'providers', 'provider_options', 'intra_op_threads', 'execution_mode', 'graph_optimization',
+                                'input_size', 'precisions', 'latency_budget_ms', 'batch_size', 'update']) | TOKEN
+PROFILE_INPUT = st.tuples(st.lists(st.tuples(PROFILE_KEYS, st.none() | JSON | st.sampled_from([0, -1, 'fp16', ['int8'], {'detection': 0}])), max_size=3),
+                          _mostly(st.none(), st.text(max_size=60)))
+
 # ---- the targets and their tests ----------------------------------------------------------------------------------
 
 TARGETS = {'coco': (COCO_INPUT, fuzz_coco), 'yolo': (YOLO_INPUT, fuzz_yolo), 'voc': (VOC_INPUT, fuzz_voc),
-           'sku110k': (SKU_INPUT, fuzz_sku110k), 'grocery': (GROCERY_INPUT, fuzz_grocery), 'bundle': (BUNDLE_INPUT, fuzz_bundle)}
+           'sku110k': (SKU_INPUT, fuzz_sku110k), 'grocery': (GROCERY_INPUT, fuzz_grocery), 'bundle': (BUNDLE_INPUT, fuzz_bundle),
+           'params': (PARAMS_INPUT, fuzz_params), 'pipeline': (PIPELINE_INPUT, fuzz_pipeline), 'profile': (PROFILE_INPUT, fuzz_profile)}
 
 
 def fuzz(name: str, n: int, derandomize: bool) -> None:
