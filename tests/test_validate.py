@@ -303,3 +303,17 @@ def test_bad_annotation_is_located_by_index_and_ids(tmp_path):
     from rich.console import Console
     con = Console(width=400, record=True); con.print(validate_dataset(root).rich_table())
     assert 'annotations.json: annotations[2] (id 30, image id 3)' in con.export_text()
+
+
+def test_declared_sizes_of_every_detection_format_are_checked(tmp_path):
+    "SKU-110K and VOC declare image sizes too: a negative one is reported against the file, and so is an empty class name."
+    sku = tmp_path/'sku'; jpeg(sku/'images/a.jpg')
+    (sku/'annotations').mkdir(); (sku/'annotations/annotations_val.csv').write_text('a.jpg,1,1,9,9,,-64,48\n')
+    r = validate_dataset(sku)
+    assert r.counts == {'invalid_category_field': 1, 'invalid_image_field': 1, 'unknown_category': 1}, str(r)
+    assert next(p for p in r.problems if p.code == 'invalid_image_field').message == 'declared size -64x48 is negative; the image is 64x48'
+    voc = tmp_path/'voc'; jpeg(voc/'JPEGImages/a.jpg'); (voc/'Annotations').mkdir()
+    (voc/'Annotations/a.xml').write_text('<annotation><filename>a.jpg</filename><size><width>64</width><height>-1</height></size>'
+                                          '<object><name>cola</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>')
+    r = validate_dataset(voc)
+    assert r.counts == {'invalid_image_field': 1} and r.problems[0].location == 'Annotations/a.xml (image id 1)', str(r)

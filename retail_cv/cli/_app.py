@@ -96,6 +96,8 @@ def given(ctx: typer.Context,  # the running command's context
           **values: Any,  # parameter name -> value, as the command received them
          ) -> dict[str, Any]:
     "The parameters the user set (command line or environment variable); defaults stay with the config that declares them."
+    if unknown := sorted(set(values) - {p.name for p in ctx.command.params}):  # a misspelt name would read as 'not given'
+        raise ValueError(f"{ctx.command.name} has no parameter {', '.join(unknown)}")
     # typer bundles its own click: compare the parameter source by name
     return {k: v for k, v in values.items() if getattr(ctx.get_parameter_source(k), 'name', 'DEFAULT') != 'DEFAULT'}
 

@@ -37,7 +37,8 @@ def demo(ctx: typer.Context,
     "Run the whole walk on embedded defaults: data, training, evaluation, export, registry, edge runtime, HTML report."
     from retail_cv.demo import DemoConfig, run_demo
     options = given(ctx, shelf_images=shelf_images, heldout_images=heldout_images, seed=seed, detector_minutes=detector_minutes,
-                    classifier_minutes=classifier_minutes, profiles=profile)
+                    classifier_minutes=classifier_minutes, profile=profile)
+    if 'profile' in options: options['profiles'] = options.pop('profile')
     cfg = parse_model(DemoConfig, options, {**{k: f'--{k.replace("_", "-")}' for k in options}, 'profiles': '--profile'})
     ws = workspace(ctx)
     console.print(f"retail_cv demo in workspace {ws.root}", highlight=False)

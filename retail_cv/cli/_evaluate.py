@@ -7,17 +7,15 @@ Docs: https://retail-cv.github.io/retail_cv/cli_evaluate.html.md"""
 # %% ../../nbs/94_cli_evaluate.ipynb #ff0851f4
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ._app import Default, app, console, err_console, print_json, quiet_lightning, workspace
-from ..core import Workspace
 
 # %% auto #0
-__all__ = ['evaluate_cmd', 'signing_key_on_first_use', 'export_cmd', 'benchmark_cmd']
+__all__ = ['evaluate_cmd', 'export_cmd', 'benchmark_cmd']
 
 # %% ../../nbs/94_cli_evaluate.ipynb #07af95a1
 @app.command('evaluate')
@@ -34,33 +32,25 @@ def evaluate_cmd(ctx: typer.Context,
     if as_json: print_json(rep.to_dict())
     else: console.print(rep.summary(), highlight=False)
 
-# %% ../../nbs/94_cli_evaluate.ipynb #3b21fe9e
-def signing_key_on_first_use(ws: Workspace,  # the workspace whose bundles are signed
-                            ) -> Path | None:
-    "Create the workspace's signing key if no key is configured, saying so; returns the new private key file, else None."
-    from retail_cv.bundle import SIGNING_KEY_ENV, generate_signing_key
-    if os.environ.get(SIGNING_KEY_ENV) or (ws/'keys'/'signing.key').is_file(): return None
-    k = generate_signing_key(ws)
-    err_console.print(f"no signing key yet: created {k.private_key} (key id {k.key_id}); devices verify bundles "
-                      f"with {k.public_key}", highlight=False)
-    return k.private_key
-
 # %% ../../nbs/94_cli_evaluate.ipynb #53c18fd1
 @app.command('export')
 def export_cmd(ctx: typer.Context,
                checkpoint: Path = typer.Argument(..., help="Training checkpoint (.ckpt)"),
                profile: str = typer.Option(..., '--profile', help="Device profile (see `retail-cv profiles list`)"),
-               data: str = typer.Option(..., '--data', help="Dataset version for the golden set, calibration and gates"),
+               data: Optional[str] = typer.Option(None, '--data', help="Dataset version for the golden set, calibration and gates (default: the dataset the checkpoint was trained on)"),
                name: Optional[str] = typer.Option(None, help="Model name (default: <dataset>-<arch>)"),
                version: Optional[str] = typer.Option(None, help="Model version (default: the training run id)"),
-               new_key: bool = typer.Option(True, '--new-key/--no-new-key', help="Create the workspace's signing key on first use (no key and no $RETAIL_CV_SIGNING_KEY)"),
+               new_key: bool = typer.Option(True, '--new-key/--no-new-key', help="Create the workspace's signing key on first use (no key and no $RETAIL_CV_SIGNING_KEY); --no-new-key: refuse instead"),
                as_json: bool = typer.Option(False, '--json', help="Print the result as JSON")):
     "Export to ONNX, pass the parity and quantisation gates, pick the precision by measurement, sign an edge bundle."
+    from retail_cv.bundle import load_signing_key
     from retail_cv.export import export
     quiet_lightning()
     ws = workspace(ctx)
-    if new_key: signing_key_on_first_use(ws)
-    res = export(checkpoint, profile, data, ws, name=name, version=version)
+    key = None if new_key else load_signing_key(None, ws)  # no key: refuse now, naming `retail-cv keys generate`
+    res = export(checkpoint, profile, data, ws, name=name, version=version, key=key)
+    if (k := res.new_signing_key) is not None:
+        err_console.print(f"created signing key {k}; devices verify bundles with {k.with_suffix('.pub')}", highlight=False)
     if as_json: print_json(res.to_dict()); return
     console.print(f"bundle {res.bundle} ({res.profile}, {res.name} {res.version}): shipped {res.precision.chosen} "
                   f"({res.precision.reason})", highlight=False)
