@@ -7,7 +7,9 @@ import yaml
 
 from retail_cv.cli import app
 from retail_cv.cli._app import Default
+from retail_cv.core import Workspace
 from retail_cv.data.formats import grocery_sample
+from retail_cv.evaluate import evaluate
 from retail_cv.k8s import K8sJobConfig
 from retail_cv.train import TrainConfig
 from retail_cv.tune import TuneConfig
@@ -28,7 +30,10 @@ def test_train_prints_checkpoint_and_metrics(ws):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out['status'] == 'completed' and out['best_checkpoint'].endswith('best.ckpt')
-    assert 0 <= out['metrics']['val/acc'] <= 1 and out['metrics']['epoch'] == 1
+    assert out['metrics']['epoch'] == 1 and out['metrics'] == out['history'][-1]
+    # the printed accuracy is the last checkpoint's, measured again by `evaluate` on the same split
+    again = evaluate(out['last_checkpoint'], 'grocery@latest', 'val', workspace=Workspace.open(ws), write=False)
+    assert out['metrics']['val/acc'] == pytest.approx(again.metrics['top1'])
 
 
 def test_train_recipe_file_and_explicit_options(ws, tmp_path):
@@ -64,21 +69,57 @@ def test_tune_reports_best_trial(ws, tmp_path):
     assert len(out['trials']) == 2 and out['best'] is not None and 'history' in out['files']
 
 
-def test_train_export_verify_predict(ws, tmp_path):
-    "Research to edge from the shell: a checkpoint becomes a signed bundle that the torch-free runtime serves."
+NO_KEY_ENV = {'WANDB_MODE': 'disabled', 'RETAIL_CV_SIGNING_KEY': ''}  # the workspace key only, whatever the caller's shell has
+
+
+@pytest.fixture(scope='module')
+def edge_run(ws):
+    "A classifier trained from the shell: the run `export` starts from."
     r = run_cli('-w', ws, 'train', 'classify', '--data', 'grocery@latest', '--model', 'tiny_cnn', '--epochs', 2,
                 '--batch-size', 16, '--run-name', 'edge', '--json', env={'WANDB_MODE': 'disabled'}, timeout=300)
-    ckpt = json.loads(r.stdout)['best_checkpoint']
-    assert not (ws/'keys'/'signing.key').exists()  # a fresh workspace: export creates the key and says so
-    r = run_cli('-w', ws, 'export', ckpt, '--profile', 'handheld-arm', '--data', 'grocery@latest', '--json',
-                env={'WANDB_MODE': 'disabled'}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"no signing key yet: created {ws/'keys'/'signing.key'}" in r.stderr
-    bundle = json.loads(r.stdout)['bundle']
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope='module')
+def exported(ws, edge_run):
+    "`export` of that checkpoint on a workspace without a signing key, no --data, plain text output."
+    assert not (ws/'keys'/'signing.key').exists()
+    r = run_cli('-w', ws, 'export', edge_run['best_checkpoint'], '--profile', 'handheld-arm', env=NO_KEY_ENV, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    name, version = 'grocery-tiny_cnn', edge_run['run_id']  # <dataset>-<arch>, and the training run
+    return r, ws/'bundles'/name/version/f"{name}-{version}-handheld-arm.tar.gz"
+
+
+def test_export_without_data_uses_the_training_data_and_creates_the_key(ws, edge_run, exported):
+    "No --data: the dataset version the checkpoint was trained on; no key: the workspace's, created and reported."
+    r, bundle = exported
+    key = ws/'keys'/'signing.key'
+    assert f"created signing key {key}; devices verify bundles with {ws/'keys'/'signing.pub'}" in r.stderr.splitlines()
+    assert key.is_file() and (ws/'keys'/'signing.pub').is_file()
+    head = r.stdout.splitlines()[0]
+    assert head.startswith(f"bundle {bundle} (handheld-arm, grocery-tiny_cnn {edge_run['run_id']}): shipped "), head
+    assert bundle.is_file()
+    for fmt in ('torch', 'onnx-fp32'):  # evaluated on the training run's dataset version
+        assert json.loads((bundle.parent/'eval'/fmt/'eval.json').read_text())['data_id'] == edge_run['data']['id']
+
+
+def test_export_no_new_key_refuses_on_a_fresh_workspace(tmp_path):
+    "--no-new-key without a key stops before any work, naming the command that makes one."
+    fresh = tmp_path/'fresh'
+    r = run_cli('-w', fresh, 'export', tmp_path/'missing.ckpt', '--profile', 'handheld-arm', '--no-new-key', env=NO_KEY_ENV)
+    assert r.returncode == 1 and 'retail-cv keys generate' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert not (fresh/'keys'/'signing.key').exists()
+
+
+def test_exported_bundle_verifies_and_predicts(ws, exported, tmp_path):
+    "Research to edge from the shell: the signed bundle `export` printed is what the torch-free runtime serves."
+    _, bundle = exported
     r = run_cli('-w', ws, 'keys', 'generate')
     assert r.returncode == 1 and 'already exists' in r.stderr  # the key that signed the bundle is kept
     r = run_cli('-w', ws, 'bundle', 'verify', bundle, '--golden', '--json')
-    assert r.returncode == 0 and json.loads(r.stdout)['golden_ok'], r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads(r.stdout)['golden_ok']
     photos = sorted((grocery_sample()/'val').rglob('*.jpg'))[:3]
     r = run_cli('-w', ws, 'predict', bundle, *photos, '--json')
     assert r.returncode == 0, r.stderr

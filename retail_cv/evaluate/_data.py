@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core import ConfigError, DataError, Workspace
 from ..data.formats import Dataset, load_dataset
-from ..data.loading import LabelMap, split_indices
+from ..data.loading import LabelMap, image_labels, split_indices
 from ..data.store import DatasetStore, DatasetVersion
 
 # %% auto #0
@@ -44,16 +44,7 @@ def _resolve_data(data: DatasetVersion | Dataset | str | os.PathLike, workspace:
 # %% ../../nbs/36a_evaluate_data.ipynb #8d9005e0
 def _class_targets(ds: Dataset) -> np.ndarray:
     "Class index (categories numbered by ascending id) of each image's single image-level label."
-    lm = LabelMap.from_categories(ds.categories)
-    by_image: dict[int, list[int]] = {}
-    for a in ds.annotations:
-        if a.bbox is None: by_image.setdefault(a.image_id, []).append(lm.label(a.category_id))
-    out = []
-    for im in ds.images:
-        got = by_image.get(im.id, [])
-        if len(got) != 1: raise DataError(f"image {im.file_name} has {len(got)} image-level labels; classification needs exactly one")
-        out.append(got[0])
-    return np.asarray(out, np.int64)
+    return image_labels(ds, LabelMap.from_categories(ds.categories))
 
 # %% ../../nbs/36a_evaluate_data.ipynb #a2372f89
 def _positions(ds: Dataset, split: str, ref: str, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from ._config import LabelMap, PipelineConfig, split_indices
 from ...preprocess import ResizeMode
 
 # %% auto #0
-__all__ = ['ClassificationDataModule', 'DetectionDataModule']
+__all__ = ['image_labels', 'ClassificationDataModule', 'DetectionDataModule']
 
 # %% ../../../nbs/19a_loading_datamodules.ipynb #4476a03c
 def _chain(*transforms: Callable | None) -> Callable | None:
@@ -177,7 +177,7 @@ class _ImageDataModule(_ImageSourceMixin, _LoaderMixin, L.LightningDataModule):
                 f"{ {k: len(v) for k, v in self.splits.items()} }, {self.config.size_hw} {self.resize_mode})")
 
 # %% ../../../nbs/19a_loading_datamodules.ipynb #60011c36
-def _image_labels(dataset: Dataset,  # a classification dataset
+def image_labels(dataset: Dataset,  # a classification dataset
                   labels: LabelMap,  # its class indices
                  ) -> np.ndarray:
     "The class index of each image, from its one image-level label."
@@ -199,7 +199,7 @@ class ClassificationDataModule(_ImageDataModule):
     default_resize = 'crop'
     default_normalize = True
 
-    def _prepare_targets(self) -> None: self.targets = _image_labels(self.dataset, self.labels)
+    def _prepare_targets(self) -> None: self.targets = image_labels(self.dataset, self.labels)
     def _strata(self) -> np.ndarray: return self.targets
     def _items(self, indices, transform): return ClassificationItems(self.source, indices, self.targets, transform)
     def _collate(self): return image_collate
