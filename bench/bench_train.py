@@ -2,22 +2,16 @@
 
 1. Throughput: retail_cv's Lightning `ClassificationModule` under `lightning.Trainer` against a plain PyTorch loop on
    the same model, optimiser and in-memory batches (MobileNetV3-small, 128 px, CPU). Rounds alternate; medians.
-2. Accuracy: MobileNetV3-small trained from scratch on the real Grocery Store photos (`../shared/data/grocery`,
-   fine-grained classes) for a fixed wall-clock budget (default 10 minutes), top-1 on the val split. Every earlier
-   recipe's outcome stays in `accuracy_earlier_runs`. The recipe that reached 50 %:
+2. Accuracy: a recipe file from `recipes/` (default: MobileNetV3-small, 128 px, 10 minutes) trained from scratch on the
+   real Grocery Store photos (`../shared/data/grocery`, 81 fine-grained classes), top-1 on the val split. Every
+   earlier run's outcome stays in `accuracy_earlier_runs`. The recipe that reached 50 %, as the README shows it:
 
-    python bench/bench_train.py --skip-throughput --size 128 --weight-decay 5e-4 --val-every 2 \
-        --min-scale 0.25 --cache-scale 1.25 --mixup 0.2 --cutmix 1.0
-
-   i.e. `TrainConfig(arch='mobilenet_v3_small', image_size=128, batch_size=64, lr=4e-3, weight_decay=5e-4,
-   scheduler='onecycle', schedule_clock='time', label_smoothing=0.1, mixup_alpha=0.2, cutmix_alpha=1.0,
-   val_every_n_epochs=2, pipeline={'crop_scale': (0.25, 1), 'cache_scale': 1.25})`; the same recipe as a YAML file
-   runs with `retail-cv train classify --data grocery@latest --model mobilenet_v3_small --config recipe.yaml`.
+    python bench/bench_train.py --skip-throughput --skip-bn --recipe recipes/grocery-mobilenet_v3_small-10min.yaml
 
 3. BatchNorm re-estimation: `torch.optim.swa_utils.update_bn` (what `train.callbacks.PreciseBN` uses) against the
    hand-written loop of `models.recalibrate_batchnorm`, on MobileNetV3-small: same statistics (bit for bit) and time.
 
-    python bench/bench_train.py [--minutes 10] [--skip-accuracy] [--skip-throughput] [--skip-bn] [recipe options, see --help]
+    python bench/bench_train.py [--minutes 10] [--skip-accuracy] [--skip-throughput] [--skip-bn] [--recipe FILE] [--seed N] [--minutes M]
 """
 import argparse, json, os, platform, statistics, sys, tempfile, time
 from pathlib import Path
@@ -28,7 +22,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from retail_cv.core import Workspace, atomic_write, seed_everything  # noqa: E402
+from retail_cv.core import Workspace, atomic_write, read_yaml, seed_everything  # noqa: E402
 from retail_cv.models import ModelSpec  # noqa: E402
 from retail_cv.train import ClassificationModule, TrainConfig, fit  # noqa: E402
 
@@ -104,40 +98,33 @@ def precise_bn(rounds=5, images=256, size=128, batch=32):
             **{f'median_s_{k}': round(statistics.median(v), 4) for k, v in times.items()}}
 
 
-def accuracy(minutes=10.0, size=112, seed=0, weight_decay=0.05, min_scale=0.3, val_every=1, cache_scale=1.0, mixup=0.0, cutmix=0.0):
+def accuracy(recipe: Path, seed: int = 0, minutes: float | None = None):
+    "Train the recipe on the Grocery photos; `seed` and `minutes` override the file."
     from retail_cv.data.store import DatasetStore
     if not (GROCERY/'classes.csv').exists(): raise SystemExit(f"{GROCERY} not found: the accuracy benchmark needs ../shared")
+    cfg = read_yaml(recipe, 'training recipe') | {'seed': seed, 'wandb_mode': 'disabled', 'sample_predictions': 0}
+    if minutes: cfg['max_minutes'] = minutes
     ws = Workspace.open(tempfile.mkdtemp(prefix='bench-train-'))
     version = DatasetStore(ws).ingest(GROCERY, 'grocery', progress=False)
-    # random crops, cut from a cache `cache_scale` times the input size: the augmentation a from-scratch model on 2.6k photos needs most
-    base = dict(arch='mobilenet_v3_small', image_size=size, batch_size=64, lr=4e-3, weight_decay=weight_decay, optimizer='adamw',
-                scheduler='onecycle', label_smoothing=0.1, seed=seed, wandb_mode='disabled', sample_predictions=0,
-                val_every_n_epochs=val_every, mixup_alpha=mixup, cutmix_alpha=cutmix, pipeline={'crop_scale': (min_scale, 1.0), 'cache_scale': cache_scale})
-    # the schedule runs on the clock: one-cycle ends exactly when the budget does, however fast this machine is
     t0 = time.perf_counter()
-    res = fit({**base, 'epochs': 1000, 'max_minutes': minutes, 'schedule_clock': 'time'}, version, ws, run_name='grocery-budget')
+    res = fit(cfg, version, ws, run_name='grocery-budget')
     return {'dataset': 'Grocery Store Dataset (train/val lists in ../shared/data/grocery)', 'dataset_version': version.ref,
             'train_images': sum(1 for i in version.dataset.images if i.split == 'train'),
             'val_images': sum(1 for i in version.dataset.images if i.split == 'val'),
-            'classes': len(version.dataset.categories), 'budget_minutes': minutes, 'epochs_done': len(res.history),
+            'classes': len(version.dataset.categories), 'budget_minutes': cfg['max_minutes'], 'epochs_done': len(res.history),
             'training_seconds': round(time.perf_counter() - t0, 1),
             'stopped_by': res.stopped_by, 'val_top1': res.metrics.get('val/acc'), 'best_val_top1': res.best_score,
-            'val_top5': res.metrics.get('val/acc_top5'), 'history': res.history, 'recipe': base | {'schedule_clock': 'time', 'augment': f'RandomResizedCrop({min_scale}-1) from a {cache_scale}x cache + flip + colour jitter (batch)'},
-            'target_top1': 0.50, 'baseline_plain_loop_top1': 0.42,
+            'val_top5': res.metrics.get('val/acc_top5'), 'history': res.history,
+            'recipe_file': str(Path(recipe).resolve().relative_to(ROOT)) if Path(recipe).resolve().is_relative_to(ROOT) else str(recipe),
+            'recipe': cfg, 'target_top1': 0.50, 'baseline_plain_loop_top1': 0.42,
             'loadavg_after': os.getloadavg(), 'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
 
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
-    ap.add_argument('--minutes', type=float, default=10.0)
-    ap.add_argument('--size', type=int, default=112, help='training resolution of the accuracy run')
-    ap.add_argument('--weight-decay', type=float, default=0.05)
-    ap.add_argument('--min-scale', type=float, default=0.3, help='smallest RandomResizedCrop area fraction')
-    ap.add_argument('--val-every', type=int, default=1, help='validate every n epochs (and at the end)')
-    ap.add_argument('--cache-scale', type=float, default=1.0, help='cache images this many times the training size (crops keep detail)')
+    ap.add_argument('--recipe', type=Path, default=ROOT/'recipes'/'grocery-mobilenet_v3_small-10min.yaml', help='a TrainConfig YAML from recipes/')
+    ap.add_argument('--minutes', type=float, default=None, help="training budget (default: the recipe's max_minutes)")
     ap.add_argument('--seed', type=int, default=0, help='seed of initialisation, order and augmentation')
-    ap.add_argument('--mixup', type=float, default=0.0, help='MixUp alpha (0 = off)')
-    ap.add_argument('--cutmix', type=float, default=0.0, help='CutMix alpha (0 = off)')
     ap.add_argument('--skip-accuracy', action='store_true')
     ap.add_argument('--skip-throughput', action='store_true')
     ap.add_argument('--skip-bn', action='store_true')
@@ -154,7 +141,7 @@ if __name__ == '__main__':
     if not a.skip_accuracy:
         if 'accuracy' in result:  # keep every earlier recipe's outcome (without its history) for comparison
             result.setdefault('accuracy_earlier_runs', []).append({k: v for k, v in result['accuracy'].items() if k != 'history'})
-        result['accuracy'] = accuracy(a.minutes, a.size, seed=a.seed, weight_decay=a.weight_decay, min_scale=a.min_scale, val_every=a.val_every, cache_scale=a.cache_scale, mixup=a.mixup, cutmix=a.cutmix)
+        result['accuracy'] = accuracy(a.recipe, seed=a.seed, minutes=a.minutes)
         print(json.dumps({k: v for k, v in result['accuracy'].items() if k != 'history'}, indent=1))
     result['machine']['loadavg_end'] = os.getloadavg()
     out.parent.mkdir(exist_ok=True)

@@ -1,5 +1,19 @@
 """Notebook-first research-to-production framework for retail computer vision
 
+## Packages
+
+The map of the code is `ARCHITECTURE.md` (layers, the walk of one image, every module). Import public names from
+these packages and modules, bottom layer first:
+
+- `retail_cv.core`: errors, atomic writes, hashing, canonical JSON, time stamps, seeding, typed settings, workspace
+- `retail_cv.preprocess`, `retail_cv.profiles`, `retail_cv.models`: the contract around a model: inputs, device profiles, architectures
+- `retail_cv.bundle`: signed edge bundles
+- `retail_cv.data` (`formats`, `synth`, `validate`, `privacy`, `store`, `loading`): datasets in, checked, anonymised, versioned, loaded
+- `retail_cv.runtime`, `retail_cv.registry`: running a bundle on a device; model versions, aliases, lineage, signed audit
+- `retail_cv.train` (and `retail_cv.train.callbacks`), `retail_cv.evaluate`, `retail_cv.jobs`, `retail_cv.tracking`: training, measuring, job runs, W&B
+- `retail_cv.tune`, `retail_cv.export`, `retail_cv.pipeline`, `retail_cv.k8s`: search, export, job DAGs, Kubernetes
+- `retail_cv.demo`, `retail_cv.docs`, `retail_cv.cli`: the demo walk, the docs site, the `retail-cv` command
+
 Modules:
 
 - `retail_cv.k8s`: A job notebook as a Kubernetes `batch/v1` Job: the runner's command in the image, resources, the workspace on a volume, checked against the official API schema; GPU scheduling the Run:ai way, and multi-node DDP training.

@@ -10,12 +10,12 @@ __all__ = []
 
 # %% ../../nbs/38_jobs.ipynb #579e3581
 from ._params import (JOBS_ENV, JobParameter, find_job, job_parameters, jobs_dir, list_jobs, parse_params,
-                                    parse_parameters, parse_value, validate_params)
+                                    parse_parameters, parse_value, validate_params, PARAM_ENV_PREFIX, params_from_env)
 from ._outputs import (RUN_DIR_ENV, hash_artifact, job_dir, job_outputs, job_workspace, new_run_id,
-                                     package_versions, redact)
+                                     package_versions, redact, secret_values, SecretMask)
 from ._runs import RECORD_SCHEMA, JobInterrupted, RunRecord, choose_kernel, list_runs, load_run, run_job
 
 __all__ = ['JOBS_ENV', 'jobs_dir', 'list_jobs', 'find_job', 'JobParameter', 'parse_parameters', 'job_parameters', 'parse_value',
-           'validate_params', 'parse_params', 'RUN_DIR_ENV', 'new_run_id', 'job_outputs', 'job_workspace', 'job_dir',
-           'hash_artifact', 'package_versions', 'redact', 'RECORD_SCHEMA', 'RunRecord', 'choose_kernel', 'JobInterrupted',
+           'validate_params', 'parse_params', 'PARAM_ENV_PREFIX', 'params_from_env', 'RUN_DIR_ENV', 'new_run_id', 'job_outputs', 'job_workspace', 'job_dir',
+           'hash_artifact', 'package_versions', 'redact', 'secret_values', 'SecretMask', 'RECORD_SCHEMA', 'RunRecord', 'choose_kernel', 'JobInterrupted',
            'run_job', 'list_runs', 'load_run']

@@ -17,12 +17,13 @@ import sys
 import tempfile
 import datetime as _dt
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..core import ConfigError, Workspace, WorkspaceError, atomic_write, sha256_bytes, sha256_file
 
 # %% auto #0
-__all__ = ['RUN_DIR_ENV', 'new_run_id', 'job_outputs', 'job_workspace', 'job_dir', 'hash_artifact', 'package_versions', 'redact']
+__all__ = ['RUN_DIR_ENV', 'new_run_id', 'job_outputs', 'job_workspace', 'job_dir', 'hash_artifact', 'package_versions', 'redact',
+           'secret_values', 'SecretMask']
 
 # %% ../../nbs/38b_jobs_outputs.ipynb #d32ca647
 _log = logging.getLogger(__name__)
@@ -98,36 +99,66 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError: out[dist] = None
     return out
 
-# %% ../../nbs/38b_jobs_outputs.ipynb #247ea6e3
-_URL_PASSWORD = re.compile(r'(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]+:)[^@\s]+@')
-_SECRET_NAME = re.compile(r'(?i)(password|passwd|secret|token|api_?key|credential)')
+# %% ../../nbs/38b_jobs_outputs.ipynb #aa7b2f66
+_SECRET_NAME = re.compile(r'(?i)(password|passwd|secret|token|api_?key|private_?key|credential|(^|[_-])keys?($|[_-]))')
+
+def _secret_name(name: str) -> bool:
+    "Whether a parameter or variable name says that its value is secret."
+    return bool(_SECRET_NAME.search(name))
+
+# %% ../../nbs/38b_jobs_outputs.ipynb #3d9f58b3
+_URL_PASSWORD = re.compile(r'(\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)@')
+_PEM = re.compile(r'-----BEGIN [A-Z0-9 ]+-----.*?-----END [A-Z0-9 ]+-----', re.S)
 
 def redact(value: Any,  # a parameter value (nested dicts and lists are walked)
            name: str = '',  # its parameter name
+           _under_secret: bool = False,  # inside a value whose name is secret: everything is masked
           ) -> Any:
-    "`value` with URL passwords and the values of secret-looking parameters masked as '***'."
-    if isinstance(value, dict): return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list): return [redact(v, name) for v in value]
-    if isinstance(value, str):
-        if value and _SECRET_NAME.search(name): return '***'
-        return _URL_PASSWORD.sub(r'\1***@', value)
+    "`value` with secrets masked as '***' at any depth: values of secret names, URL passwords, PEM text."
+    secret = _under_secret or _secret_name(name)
+    if isinstance(value, Mapping): return {k: redact(v, str(k), secret) for k, v in value.items()}
+    if isinstance(value, (list, tuple)): return [redact(v, name, secret) for v in value]
+    if secret and value is not None and value != '' and not isinstance(value, bool): return '***'
+    if isinstance(value, str): return _PEM.sub('***', _URL_PASSWORD.sub(r'\1***@', value))
     return value
 
-# %% ../../nbs/38b_jobs_outputs.ipynb #65072bc8
-def _redact_executed(path: Path,  # an executed notebook
-                     params: Mapping[str, Any],  # the parameters it ran with
-                    ) -> None:
-    "Mask secrets in the injected-parameters cell and papermill's metadata of an executed notebook."
-    secrets_ = {str(v) for k, v in params.items() if isinstance(v, str) and redact(v, k) != v}
-    if not secrets_ or not path.is_file(): return
-    try: nb = json.loads(path.read_text())
-    except (OSError, ValueError): return
-    pm_meta = nb.get('metadata', {}).get('papermill', {})
-    if isinstance(pm_meta.get('parameters'), dict): pm_meta['parameters'] = redact(pm_meta['parameters'])
-    for c in nb.get('cells', []):
-        if 'injected-parameters' in c.get('metadata', {}).get('tags', []):
-            src = ''.join(c['source']) if isinstance(c['source'], list) else c['source']
-            for k, v in params.items():
-                if isinstance(v, str) and v in secrets_: src = src.replace(repr(v), repr(redact(v, k))).replace(json.dumps(v), json.dumps(redact(v, k)))
-            c['source'] = src
-    atomic_write(path, json.dumps(nb, indent=1, ensure_ascii=False))
+# %% ../../nbs/38b_jobs_outputs.ipynb #7d9337bd
+def secret_values(value: Any,  # a parameter value, or a mapping of parameters
+                  name: str = '',  # its name
+                  _under_secret: bool = False,  # inside a value whose name is secret
+                 ) -> list[str]:
+    "The cleartext of what `redact` masks in `value`: what no file written by a run may hold."
+    secret = _under_secret or _secret_name(name)
+    if isinstance(value, Mapping): return [s for k, v in value.items() for s in secret_values(v, str(k), secret)]
+    if isinstance(value, (list, tuple)): return [s for v in value for s in secret_values(v, name, secret)]
+    if value is None or value == '' or isinstance(value, bool): return []
+    if secret: return [str(value)]
+    if isinstance(value, str): return [m.group(2) for m in _URL_PASSWORD.finditer(value)] + _PEM.findall(value)
+    return []
+
+# %% ../../nbs/38b_jobs_outputs.ipynb #374f419d
+class SecretMask:
+    "Masks given secrets in strings and, at any depth, in dicts and lists (a notebook, a record); dicts keep their type."
+    def __init__(self, secrets: Iterable[str],  # cleartext values, e.g. from `secret_values`
+                ):
+        forms = set()
+        for s in filter(None, secrets):  # as written, as string literals, and each long line of a multi-line secret (PEM)
+            forms |= {s, repr(s)[1:-1], json.dumps(s)[1:-1], s.encode('unicode_escape').decode().replace('"', '\\"')}
+            forms |= {ln.strip() for ln in s.splitlines() if len(ln.strip()) >= 8}
+        self.pattern = re.compile('|'.join(map(re.escape, sorted(forms, key=len, reverse=True)))) if forms else None
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any],  # a run's parameters
+           environ: Mapping[str, str] | None = None,  # default `os.environ`: its secret-named variables are masked too
+          ) -> SecretMask:
+        "The mask of a run: the secrets among its parameters and the secret-named variables of its environment."
+        env = os.environ if environ is None else environ
+        return cls(secret_values(dict(params)) + [v for k, v in env.items() if _secret_name(k) and len(v) >= 8])
+
+    def __call__(self, obj: Any) -> Any:
+        "`obj` with every secret replaced by '***'."
+        if self.pattern is None: return obj
+        if isinstance(obj, str): return self.pattern.sub('***', obj)
+        if isinstance(obj, dict): return type(obj)((k, self(v)) for k, v in obj.items())
+        if isinstance(obj, list): return [self(v) for v in obj]
+        return obj

@@ -24,8 +24,8 @@ import retail_cv
 from ..core import ConfigError, read_yaml
 
 # %% auto #0
-__all__ = ['JOBS_ENV', 'jobs_dir', 'list_jobs', 'find_job', 'JobParameter', 'parse_parameters', 'job_parameters', 'parse_value',
-           'validate_params', 'parse_params']
+__all__ = ['JOBS_ENV', 'PARAM_ENV_PREFIX', 'jobs_dir', 'list_jobs', 'find_job', 'JobParameter', 'parse_parameters',
+           'job_parameters', 'parse_value', 'validate_params', 'parse_params', 'params_from_env']
 
 # %% ../../nbs/38a_jobs_params.ipynb #4472bf11
 _log = logging.getLogger(__name__)
@@ -211,3 +211,13 @@ def parse_params(pairs: Sequence[str] = (),  # 'key=value' strings, as `-p` give
         if not sep or not key.strip(): raise ConfigError(f"parameter {pair!r} must be written key=value")
         values[key.strip()] = value
     return values
+
+# %% ../../nbs/38a_jobs_params.ipynb #cfd480ab
+PARAM_ENV_PREFIX = 'RETAIL_CV_PARAM_'
+
+def params_from_env(job: str | os.PathLike,  # job name or notebook path
+                    environ: Mapping[str, str] | None = None,  # default `os.environ`
+                   ) -> dict[str, str]:
+    "The job's parameters given as `$RETAIL_CV_PARAM_<name>` variables (text; `validate_params` types them)."
+    env = os.environ if environ is None else environ
+    return {k: env[PARAM_ENV_PREFIX + k] for k in job_parameters(job) if PARAM_ENV_PREFIX + k in env}

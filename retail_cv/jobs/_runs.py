@@ -8,6 +8,7 @@ Docs: https://retail-cv.github.io/retail_cv/jobs_runs.html.md"""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,8 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..core import ConfigError, Workspace, WorkspaceError, atomic_write, git_state, pid_alive, sha256_bytes, utc_now
-from ._outputs import RUN_DIR_ENV, _redact_executed, hash_artifact, new_run_id, package_versions, redact
-from ._params import _read_notebook, find_job, job_parameters, validate_params
+from ._outputs import RUN_DIR_ENV, SecretMask, hash_artifact, new_run_id, package_versions, redact
+from ._params import _read_notebook, find_job, job_parameters, params_from_env, validate_params
 
 # %% auto #0
 __all__ = ['RECORD_SCHEMA', 'RunRecord', 'choose_kernel', 'JobInterrupted', 'run_job', 'list_runs', 'load_run']
@@ -142,7 +143,7 @@ def _environ(**values: str):
 
 # %% ../../nbs/38c_jobs_runs.ipynb #d3f19eb7
 def _tracking_manager(started: list) -> type:
-    "A kernel manager class that remembers its instances, so the runner can stop their kernels when interrupted."
+    "A kernel manager class that remembers its instances (the runner stops their kernels when interrupted) and keeps no history."
     from jupyter_client.manager import AsyncKernelManager
     class _TrackedKernelManager(AsyncKernelManager):
         def __init__(self, *args, **kwargs):
@@ -150,6 +151,10 @@ def _tracking_manager(started: list) -> type:
             if os.name == 'posix':  # Unix sockets in a private folder: no TCP port that other local users could reach
                 self.transport, self.ip = 'ipc', os.path.join(tempfile.mkdtemp(prefix='rcv-k-'), 'k')
             started.append(self)
+        def format_kernel_cmd(self, extra_arguments=None):
+            cmd = super().format_kernel_cmd(extra_arguments)
+            # IPython saves every cell it runs in history.sqlite: the injected parameters, secrets included, in clear
+            return cmd + ['--HistoryManager.enabled=False'] if any('ipykernel' in a for a in cmd) else cmd
     return _TrackedKernelManager
 
 # %% ../../nbs/38c_jobs_runs.ipynb #70a091d2
@@ -184,21 +189,50 @@ def _quiet_papermill():
     finally:
         for lg in loggers: lg.removeFilter(_papermill_noise)
 
+# %% ../../nbs/38c_jobs_runs.ipynb #a513ce31
+@functools.cache
+def _redacting_engine() -> str:
+    "Register papermill's nbclient engine with masked saves of the executed notebook; return its name."
+    from papermill.engines import NBClientEngine, NotebookExecutionManager, papermill_engines
+    from papermill.iorw import write_ipynb
+    class _MaskedSaves(NotebookExecutionManager):
+        mask = SecretMask(())
+        def save(self, **kwargs):
+            if self.output_path: write_ipynb(self.mask(self.nb), self.output_path)
+            self.last_save_time = self.now()
+    class _RedactingEngine(NBClientEngine):
+        @classmethod
+        def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False, autosave_cell_every=30,
+                             mask: SecretMask | None = None, **kwargs):
+            nb_man = _MaskedSaves(nb, output_path=output_path, progress_bar=progress_bar, log_output=log_output,
+                                  autosave_cell_every=autosave_cell_every)
+            nb_man.mask = mask or SecretMask(())
+            nb_man.notebook_start()
+            try: cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+            finally:
+                nb_man.cleanup_pbar()
+                nb_man.notebook_complete()
+            return nb_man.mask(nb_man.nb)  # papermill writes what the engine returns, once more
+    papermill_engines.register('retail-cv', _RedactingEngine)
+    return 'retail-cv'
+
 # %% ../../nbs/38c_jobs_runs.ipynb #e563474a
 def _execute(path: Path,  # the job notebook
              rec: RunRecord,  # its record: run id and where the executed notebook goes
              params: dict[str, Any],  # the parameters papermill injects
              kernel: str,  # the Jupyter kernel
+             mask: SecretMask | None = None,  # secrets no save of the executed notebook may hold
              **kwargs: Any,  # to papermill.execute_notebook
             ) -> None:
-    "Run papermill in a worker thread so that the main thread can answer Ctrl-C/SIGTERM by stopping the kernel."
+    "Run papermill (masking `mask`'s secrets in every save) in a worker thread, so that the main thread can answer Ctrl-C/SIGTERM by stopping the kernel."
     import papermill as pm
     started: list = []
     failure: list[BaseException] = []
     def work():
         try:
             pm.execute_notebook(str(path), str(rec.executed), parameters=params, kernel_name=kernel,
-                                kernel_manager_class=_tracking_manager(started), **kwargs)
+                                kernel_manager_class=_tracking_manager(started),
+                                engine_name=_redacting_engine(), mask=mask, **kwargs)
         except BaseException as e: failure.append(e)
     worker = threading.Thread(target=work, name=f"job {rec.run_id}", daemon=True)
     try:
@@ -258,12 +292,13 @@ def run_job(job: str | os.PathLike,  # job name or notebook path
             execution_timeout: int | None = None,  # seconds one cell may run; None = no limit
             cwd: str | os.PathLike | None = None,  # the kernel's working folder; default the caller's
            ) -> RunRecord:
-    "Run a job notebook with papermill and return its run record, written to `runs/<run_id>/` whatever happens."
+    "Run a job notebook with papermill and return its run record, written to `runs/<run_id>/` whatever happens, secrets masked."
     path = find_job(job)
-    given = validate_params(path, params)  # before anything starts: bad parameters cost milliseconds
+    # before anything starts: bad parameters cost milliseconds; `$RETAIL_CV_PARAM_<name>` (a Kubernetes Secret) fills the rest
+    given = validate_params(path, {**params_from_env(path), **dict(params or {})})
     ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
     if 'workspace' in job_parameters(path) and 'workspace' not in given: given['workspace'] = str(ws.root)
-    kernel = choose_kernel(kernel)
+    kernel, mask = choose_kernel(kernel), SecretMask.of(given)
     rec = _new_record(path, given, ws, kernel, run_id=run_id, labels=labels, cache_key=cache_key)
     if rec.run_dir.exists(): raise WorkspaceError(f"run folder {rec.run_dir} already exists")
     rec.run_dir.mkdir(parents=True)
@@ -272,7 +307,7 @@ def run_job(job: str | os.PathLike,  # job name or notebook path
     t0 = time.perf_counter()
     try:
         with _stop_on_sigterm(), _environ(**{RUN_DIR_ENV: str(rec.run_dir), 'RETAIL_CV_WORKSPACE': str(ws.root)}):
-            _execute(path, rec, given, kernel, progress_bar=progress, log_output=log_output, execution_timeout=execution_timeout,
+            _execute(path, rec, given, kernel, mask, progress_bar=progress, log_output=log_output, execution_timeout=execution_timeout,
                      cwd=str(Path(cwd or os.getcwd()).absolute()))
         rec.status = 'completed'
     except KeyboardInterrupt as e:
@@ -285,8 +320,8 @@ def run_job(job: str | os.PathLike,  # job name or notebook path
         rec.status = 'interrupted' if rec.error['type'] == 'KeyboardInterrupt' else 'failed'
     finally:
         rec.ended, rec.duration_s = utc_now(), round(time.perf_counter() - t0, 3)
-        _redact_executed(rec.executed, given)
         _read_outputs(rec)
+        rec.error, rec.outputs = mask(rec.error), mask(rec.outputs)  # an error message may quote a URL
         rec.save()
         _log.info("run %s: %s in %.1f s", rec.run_id, rec.status, rec.duration_s)
     return rec
