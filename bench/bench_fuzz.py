@@ -2,6 +2,7 @@
 
 Each target runs in a fresh interpreter, so the parser modules are imported while coverage is on.
 Usage: python bench/bench_fuzz.py [--n 10000] [--targets coco yolo ...] [--out bench/results/fuzz.json]
+       python bench/bench_fuzz.py --merge part1.json part2.json ...   (targets run as separate processes, into --out)
 """
 from __future__ import annotations
 
@@ -52,10 +53,12 @@ def main() -> None:
     ap.add_argument('--n', type=int, default=10_000)
     ap.add_argument('--targets', nargs='+', default=list(MODULES))
     ap.add_argument('--out', default=str(ROOT/'bench'/'results'/'fuzz.json'))
+    ap.add_argument('--merge', nargs='+', help='reports of separate runs to merge into --out')
     ap.add_argument('--one', help=argparse.SUPPRESS)  # internal: run one target and print its JSON
     a = ap.parse_args()
     if a.one:
         print(json.dumps(run_one(a.one, a.n))); return
+    if a.merge: return merge(a)
     load_before, t0, results = os.getloadavg(), time.perf_counter(), {}
     for name in a.targets:
         p = subprocess.run([sys.executable, __file__, '--one', name, '--n', str(a.n)], capture_output=True, text=True, cwd=ROOT)
@@ -76,6 +79,18 @@ def write(a: argparse.Namespace, results: dict, load_before: tuple, t0: float) -
               'loadavg_after': [round(x, 2) for x in os.getloadavg()], 'cpus': os.cpu_count(),
               'python': platform.python_version(), 'hypothesis': hypothesis.__version__}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(a.out).with_suffix('.json.tmp'); tmp.write_text(json.dumps(report, indent=1) + '\n'); os.replace(tmp, a.out)
+
+
+def merge(a: argparse.Namespace) -> None:
+    "One report from several runs' reports (each keeps its own timing and load under 'runs')."
+    parts = [json.loads(Path(f).read_text()) for f in a.merge]
+    targets = {k: v for p in parts for k, v in p['targets'].items()}
+    report = {**parts[0], 'targets': targets, 'done': list(targets), 'pending': [],
+              'all_passed': all(not r.get('failed') for r in targets.values()),
+              'all_meet_target': all(r.get('meets_target') for n, r in targets.items() if n not in ('params', 'pipeline', 'profile')),
+              'seconds': round(sum(p['seconds'] for p in parts), 1),
+              'runs': [{k: p[k] for k in ('done', 'seconds', 'loadavg_before', 'loadavg_after')} for p in parts]}
     tmp = Path(a.out).with_suffix('.json.tmp'); tmp.write_text(json.dumps(report, indent=1) + '\n'); os.replace(tmp, a.out)
 
 

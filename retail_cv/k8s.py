@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from .core import ConfigError, DependencyError, StrictModel, parse_model
-from .jobs import find_job, job_parameters, new_run_id, validate_params
+from .jobs import PARAM_ENV_PREFIX, find_job, job_parameters, new_run_id, redact, validate_params
 
 _log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class K8sJobConfig(StrictModel):
     workspace_mount: str = Field('/workspace', description="where the workspace is mounted; $RETAIL_CV_WORKSPACE points here")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
     secret_env: dict[str, str] = Field(default_factory=dict, description="variable -> 'secret/key' read from a Secret (e.g. WANDB_API_KEY)")
+    secret: str | None = Field(None, description="Secret holding the job's secret parameters, one key per parameter, named as it")
+    secret_params: list[str] = Field(default_factory=list, description="parameters read from `secret` though no value is given here")
     wandb_mode: Literal['offline', 'online', 'disabled'] = Field('offline', description="W&B mode in the pod; offline runs land in the workspace")
     backoff_limit: int = Field(1, ge=0, description="retries of a failed pod")
     ttl_seconds: int | None = Field(7 * 86400, ge=0, description="delete the finished Job after this long; None: keep")
@@ -75,7 +77,7 @@ class K8sJobConfig(StrictModel):
     @classmethod
     def _namespace(cls, v: str) -> str: return _check(_DNS_LABEL, v, 'namespace (lower-case letters, digits and -)')
 
-    @field_validator('workspace_pvc', 'service_account')
+    @field_validator('workspace_pvc', 'service_account', 'secret')
     @classmethod
     def _subdomain(cls, v: str | None) -> str | None: return v if v is None else _check(_DNS_SUBDOMAIN, v, 'Kubernetes object name')
 
@@ -104,6 +106,13 @@ class K8sJobConfig(StrictModel):
         return v
 
     @model_validator(mode='after')
+    def _no_literal_secrets(self) -> K8sJobConfig:
+        if leaked := [k for k, v in self.env.items() if redact(v, k) != v]:
+            raise ValueError(f"env {', '.join(leaked)}: a secret would be written into the manifest in clear; "
+                             "read it from a Secret with secret_env (--secret-env NAME=SECRET/KEY)")
+        return self
+
+    @model_validator(mode='after')
     def _one_kind_of_gpu(self) -> K8sJobConfig:
         if self.gpu_fraction is not None and self.gpus:
             raise ValueError("give gpus (whole GPUs) or gpu_fraction (a share of one), not both")
@@ -129,11 +138,30 @@ def job_command(job: str | os.PathLike,  # job name (or a notebook path, which m
     "The `retail-cv run` command of a job, its parameters validated and written as the runner reads them."
     path = find_job(job)
     checked = validate_params(path, params)
+    if leaked := [k for k, v in checked.items() if redact(v, k) != v]:
+        raise ConfigError(f"job {path.stem}: parameter {', '.join(leaked)} holds a secret, which a command line must not: read it from a Secret")
     # a job given by name runs by name, so the image's own copy of the notebook is used
     name = str(job) if str(job).endswith('.ipynb') or '/' in str(job) or os.sep in str(job) else path.stem
     cmd = ['retail-cv', 'run', name, '--log-output']  # the notebook's output streams to the pod's log
     for k, v in checked.items(): cmd += ['-p', _escape(f"{k}={_cli_value(v)}")]
     return cmd
+
+# %% ../nbs/46_k8s.ipynb #fab7be42
+def _secret_refs(job: str | os.PathLike,  # job name or notebook path
+                 params: Mapping[str, Any] | None,  # the job's parameters
+                 cfg: K8sJobConfig,  # its `secret` and `secret_params`
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    "The parameters for the command line, and the variables that read the secret ones from `cfg.secret`."
+    path = find_job(job)
+    checked, declared = validate_params(path, params), job_parameters(path)
+    if unknown := [k for k in cfg.secret_params if k not in declared]:
+        raise ConfigError(f"job {path.stem}: secret_params {', '.join(unknown)} are not parameters; allowed: {', '.join(declared)}")
+    names = list(dict.fromkeys([k for k, v in checked.items() if redact(v, k) != v] + list(cfg.secret_params)))
+    if names and not cfg.secret:
+        raise ConfigError(f"job {path.stem}: parameter {', '.join(names)} holds a secret, which a manifest must not: name a Secret "
+                          f"holding it under the key {', '.join(map(repr, names))} (--secret NAME); the pod reads ${PARAM_ENV_PREFIX}<name>")
+    env = [{'name': PARAM_ENV_PREFIX + k, 'valueFrom': {'secretKeyRef': {'name': cfg.secret, 'key': k}}} for k in names]
+    return {k: v for k, v in checked.items() if k not in names}, env
 
 # %% ../nbs/46_k8s.ipynb #7944269b
 def _job_name(job: str, run: str) -> str:
@@ -207,15 +235,16 @@ def render_job(job: str | os.PathLike,  # job name in the jobs folder, or a note
                name: str | None = None,  # Job name; default from the run id
                **overrides: Any,  # K8sJobConfig fields: image, cpu, memory, gpus, gpu_resource, workspace_pvc, namespace, env, ...
               ) -> dict[str, Any]:
-    "A `batch/v1` Job that runs a job notebook with `retail-cv run` in the image, on the workspace volume."
+    "A `batch/v1` Job that runs a job notebook with `retail-cv run` in the image, on the workspace volume; secrets from a Secret."
     cfg = _settings(config, overrides)
-    command = job_command(job, params)
+    plain, secret_env = _secret_refs(job, params, cfg)
+    command = job_command(job, plain)
     stem = find_job(job).stem
     run = run or new_run_id(stem)
     name = name or _job_name(stem, run)
     if not _DNS_LABEL.match(name): raise ConfigError(f"{name!r} is not a valid Job name (lower-case letters, digits and -, at most 63)")
     labels = _labels(stem, run, cfg)
-    pod = _pod(cfg, command, labels, _env(cfg))
+    pod = _pod(cfg, command, labels, _env(cfg) + secret_env)
     return _job(cfg, name, labels, pod, cfg.workers)
 
 # %% ../nbs/46_k8s.ipynb #0d88c988
@@ -296,13 +325,15 @@ def render_ddp_job(job: str | os.PathLike = 'train',  # a job with a `config` pa
     if not 1 <= master_port <= 65535: raise ConfigError(f"master_port must be a TCP port, got {master_port}")
     stem = find_job(job).stem
     params, devices = _ddp_params(job, params, cfg, nodes), max(cfg.gpus, 1)
+    params, secret_env = _secret_refs(job, params, cfg)
+    if 'config' not in params: raise ConfigError(f"job {stem}: a DDP job's config holds its DDP settings; it cannot come from a Secret")
     run = run or new_run_id(stem)
     name = _job_name(stem, run)
     service = f"{name}-ddp"
     labels = _labels(stem, run, cfg)
     launch = ['torchrun', f'--nnodes={nodes}', f'--nproc-per-node={devices}', '--node-rank=$(NODE_RANK)',
               '--master-addr=$(MASTER_ADDR)', '--master-port=$(MASTER_PORT)', '--no-python']
-    env = _env(cfg, {'MASTER_ADDR': f"{name}-0.{service}", 'MASTER_PORT': str(master_port), 'RETAIL_CV_RUN_ID': run})
+    env = _env(cfg, {'MASTER_ADDR': f"{name}-0.{service}", 'MASTER_PORT': str(master_port), 'RETAIL_CV_RUN_ID': run}) + secret_env
     env.insert(0, {'name': 'NODE_RANK', 'valueFrom': {'fieldRef': {'fieldPath': "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}})
     pod = _pod(cfg, launch + job_command(job, params), labels, env, ports=[{'name': 'rendezvous', 'containerPort': master_port}])
     pod['spec']['subdomain'] = service

@@ -371,7 +371,7 @@ def test_export_takes_the_training_data_and_creates_a_missing_signing_key(ws, gr
     # a fresh workspace, no key anywhere: the first export creates the workspace's key, says so, and signs with it
     monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
     fresh = Workspace.open(tmp_path/'fresh')
-    with caplog.at_level('WARNING', logger='retail_cv.export._export'):
+    with caplog.at_level('INFO', logger='retail_cv.export._export'):
         res = export(tiny_classifier(7), 'shelf-cam-x86', grocery, fresh, precisions=['fp32'], latency_runs=3)
     assert res.new_signing_key == fresh/'keys'/'signing.key' and (fresh/'keys'/'signing.pub').is_file()
     assert f"no signing key yet: created {fresh/'keys'/'signing.key'}" in caplog.text

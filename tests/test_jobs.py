@@ -1,4 +1,5 @@
 "Job runner and pipelines end to end: real papermill runs of tiny job notebooks, the CLI as a subprocess, signals."
+import contextlib
 import json
 import os
 import signal
@@ -146,6 +147,51 @@ def test_interrupted_run_leaves_record(jobs, tmp_path, sig):
     else: pytest.fail(f"kernel {kernel_pid} is still running after the runner was interrupted")
     assert rec.ended and rec.duration_s < 60
 
+
+PEM = ('-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIHBlbS1ib2R5LXRoYXQtbXVzdC1uZXZlci1sZWFr\n'
+       '-----END PRIVATE KEY-----')
+
+
+def test_sigkilled_runner_leaves_no_secret_on_disk(tmp_path):
+    "Killed outright mid-job, the runner leaves no cleartext secret in any file: saves of the notebook are masked as written."
+    secrets = {'url': 'hunter2-url', 'nested': 'hunter2-nested', 'param_pem': 'HBlbS1ib2R5LXRoYXQtbXVzdC1uZXZlci1sZWFr',
+               'env': 'env-token-0123456789'}
+    job = write_job(tmp_path/'jobs', 'vault', "storage = ''  # database URL\nconfig = {}\naudit_key = ''  # PEM text\nworkspace = ''",
+                    "import os\nprint(storage, config, audit_key, os.environ['RETAIL_CV_AUDIT_KEY'], os.environ['SERVICE_TOKEN'])",
+                    "from pathlib import Path\nPath(os.environ['RETAIL_CV_RUN_DIR'], 'kernel.pid').write_text(str(os.getpid()))\n"
+                    "import time; time.sleep(120)")
+    ws = tmp_path/'ws'
+    env = {**os.environ, 'WANDB_MODE': 'offline', 'IPYTHONDIR': str(tmp_path/'ipython'), 'RETAIL_CV_AUDIT_KEY': PEM,
+           'SERVICE_TOKEN': secrets['env'], 'RETAIL_CV_PARAM_audit_key': PEM}  # a parameter from the environment, as in a pod
+    p = subprocess.Popen([CLI, '-w', str(ws), 'run', str(job), '-q', '-p', 'storage=postgresql://app:hunter2-url@db:5432/x',
+                          '-p', 'config={db: {host: db, password: hunter2-nested}}'], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(ws.glob('runs/*/kernel.pid')): time.sleep(0.1)  # the kernel sleeps in cell 3
+        [pid_file] = list(ws.glob('runs/*/kernel.pid'))
+        time.sleep(0.5)  # papermill saved the notebook when the sleeping cell started
+        assert p.poll() is None, "the runner ended before it was killed"
+        p.kill()  # SIGKILL: nothing of the runner's cleanup runs
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None: p.kill()
+    kernel_pid = int(pid_file.read_text())
+    try:
+        os.kill(kernel_pid, 0)  # the job was still running when its runner died
+    finally:
+        with contextlib.suppress(ProcessLookupError): os.kill(kernel_pid, signal.SIGKILL)
+    assert p.returncode == -signal.SIGKILL
+    [rec] = list_runs(ws)
+    assert rec.status == 'interrupted' and rec.error['type'] == 'RunnerLost'
+    assert rec.parameters['config'] == {'db': {'host': 'db', 'password': '***'}} and rec.parameters['audit_key'] == '***'
+    executed = (ws/'runs'/rec.run_id/'executed.ipynb').read_text()
+    assert 'postgresql://app:***@db:5432/x' in executed and 'time.sleep(120)' in executed  # saved mid-job, masked
+    assert "'password': '***'" in executed  # the job printed its (real) config: the output is masked too
+    files = [f for f in tmp_path.rglob('*') if f.is_file()]
+    assert any(f.name == 'executed.ipynb' for f in files) and any(f.name == 'record.json' for f in files)
+    leaks = {(str(f.relative_to(tmp_path)), name) for f in files for name, s in secrets.items() if s.encode() in f.read_bytes()}
+    assert not leaks, leaks
 
 def _pipeline(folder: Path, x: int = 3, limit: int = 100) -> Path:
     f = folder/'pipe.yaml'

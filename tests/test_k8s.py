@@ -25,6 +25,11 @@ def job(tmp_path, monkeypatch):
                     {'cell_type': 'code', 'id': 'b', 'metadata': {}, 'outputs': [], 'execution_count': None,
                      'source': 'import os\nfrom retail_cv.jobs import job_outputs\njob_outputs({"double": 2 * a, "note": note, "wandb": os.environ["WANDB_MODE"]})'}]}
     (folder/'add.ipynb').write_text(json.dumps(nb))
+    db = copy.deepcopy(nb)  # a job with secret parameters: a URL with a password, and a password nested in a dict
+    db['cells'][0]['source'] = "storage = ''  # database URL\nconfig = {}\nworkspace = ''"
+    db['cells'][1]['source'] = ('from urllib.parse import urlparse\nfrom retail_cv.jobs import job_outputs\n'
+                                'job_outputs({"host": urlparse(storage).hostname, "user": config["db"]["user"], "pw_len": len(config["db"]["password"])})')
+    (folder/'db.ipynb').write_text(json.dumps(db))
     monkeypatch.setenv('RETAIL_CV_JOBS', str(folder))
     return folder
 
@@ -141,3 +146,38 @@ def test_cli_errors_are_one_line(job):
     # and the image from the environment
     r = run_cli('k8s', 'render', 'add', '--workers', '2', env={'RETAIL_CV_JOBS': str(job), 'RETAIL_CV_IMAGE': IMAGE})
     assert r.returncode == 0 and yaml.safe_load(r.stdout)['spec']['template']['spec']['containers'][0]['image'] == IMAGE
+
+
+def test_secret_parameters_come_from_a_secret_never_the_manifest(job, tmp_path):
+    "Secret parameters become variables read from a Secret (secretKeyRef); the manifest holds no password; the runner reads them."
+    out = tmp_path/'db.yaml'
+    secret_args = ['-p', 'storage=postgresql://app:hunter2@db:5432/x', '-p', 'config={db: {user: app, password: nested-pw}}']
+    r = run_cli('k8s', 'render', 'db', *secret_args, '--image', IMAGE, '--secret', 'app-db', '--out', out, env={'RETAIL_CV_JOBS': str(job)})
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert 'hunter2' not in text and 'nested-pw' not in text and 'hunter2' not in r.stderr
+    (m,) = list(yaml.safe_load_all(text))
+    assert validate_manifest(m, strict=True) == '1.30'
+    c = m['spec']['template']['spec']['containers'][0]
+    assert c['command'] == ['retail-cv', 'run', 'db', '--log-output']
+    refs = {e['name']: e['valueFrom']['secretKeyRef'] for e in c['env'] if 'valueFrom' in e}
+    assert refs == {'RETAIL_CV_PARAM_storage': {'name': 'app-db', 'key': 'storage'}, 'RETAIL_CV_PARAM_config': {'name': 'app-db', 'key': 'config'}}
+    assert 'kubectl create secret generic app-db --from-literal=config=... --from-literal=storage=...' in r.stderr
+    # the pod: the kubelet fills the variables from the Secret; the runner reads them and masks them in what it writes
+    ws = tmp_path/'ws'
+    secret_data = {'storage': 'postgresql://app:hunter2@db:5432/x', 'config': '{"db": {"user": "app", "password": "nested-pw"}}'}
+    env = {**os.environ, **{e['name']: e['value'] for e in c['env'] if 'value' in e}, 'RETAIL_CV_WORKSPACE': str(ws), 'RETAIL_CV_JOBS': str(job),
+           **{name: secret_data[ref['key']] for name, ref in refs.items()}}
+    done = subprocess.run([CLI, *c['command'][1:]], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (record,) = [json.loads(p.read_text()) for p in (ws/'runs').glob('*/record.json')]
+    assert record['status'] == 'completed' and record['outputs'] == {'host': 'db', 'user': 'app', 'pw_len': 9}
+    assert record['parameters']['storage'] == 'postgresql://app:***@db:5432/x' and record['parameters']['config'] == {'db': {'user': 'app', 'password': '***'}}
+    assert not [p for p in ws.rglob('*') if p.is_file() and (b'hunter2' in p.read_bytes() or b'nested-pw' in p.read_bytes())]
+    # no Secret named: refused, nothing written; a literal secret in --env: refused
+    for args, msg in [(secret_args, 'parameter storage, config holds a secret, which a manifest must not'),
+                      (['--env', 'DB_PASSWORD=hunter2'], 'env DB_PASSWORD: a secret would be written into the manifest in clear')]:
+        r = run_cli('k8s', 'render', 'db', *args, '--image', IMAGE, env={'RETAIL_CV_JOBS': str(job), 'COLUMNS': '400'})
+        assert r.returncode == 1 and r.stdout == '' and msg in r.stderr, r.stderr
+    with pytest.raises(ConfigError, match='parameter storage holds a secret'):
+        render_job('db', {'storage': 'postgresql://app:hunter2@db:5432/x'}, image=IMAGE)

