@@ -42,6 +42,10 @@ def main():
         'machine': {'cpus': os.cpu_count(), 'platform': platform.platform(), 'loadavg_start': load0, 'loadavg_end': os.getloadavg()},
         'first_run_s': round(first_s, 1), 'second_run_s': round(second_s, 1), 'ratio_second_over_first': round(second_s / first_s, 3),
         'target_first_run_s': 600,
+        # the cached second run only registers (already there), predicts and reports: it was asserted < 1/2 in tests/test_demo.py,
+        # a wall-clock ratio that a loaded machine can break; measured here, where the machine's load is recorded with it
+        'target_ratio_second_over_first': 0.5,
+        'second_run_all_steps_cached': all(s['status'] == 'cached' for s in second_pipe['steps']),
         'steps_first': {s['step']: {'status': s['status'], 'seconds': s['seconds']} for s in first_pipe['steps']},
         'steps_second': {s['step']: s['status'] for s in second_pipe['steps']},
         'detector_map50': ev['detector'].get('map50'), 'detector_map50_95': ev['detector'].get('map50_95'),
@@ -54,6 +58,8 @@ def main():
     out = ROOT/'bench'/'results'/'demo.json'
     atomic_write(out, json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != 'terminal_summary_first_run'}, indent=1))
+    if result['ratio_second_over_first'] >= result['target_ratio_second_over_first']:
+        print(f"warning: the cached second run took {result['ratio_second_over_first']:.0%} of the first (target < 50%)", file=sys.stderr)
     if not a.keep: shutil.rmtree(ws.parent if a.workspace is None else ws, ignore_errors=True)
 
 
