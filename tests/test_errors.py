@@ -18,6 +18,7 @@ PENDING = {
     ('retail_cv/models.py', '_read_state_dict'),  # torch.load
     ('retail_cv/preprocess.py', 'load_image'),  # Pillow
     ('retail_cv/runtime.py', '_open_session'),  # ort.InferenceSession
+    ('retail_cv/serve/_images.py', 'decode_image'),  # Pillow (new in the serve work): use _PIL_ERRORS
     ('retail_cv/train/_runs.py', '_read_checkpoint'),  # torch.load
     ('retail_cv/tune/_storage.py', 'open_storage'),  # SQLAlchemy errors
     ('retail_cv/tune/_study.py', 'open_study'),  # optuna / SQLAlchemy errors

@@ -252,6 +252,7 @@ def good_bundle() -> dict:
     from retail_cv.core import Workspace
     from retail_cv.models import tiny_classifier, to_onnx
     root = Path(tempfile.mkdtemp(prefix='fuzz-bundle-'))
+    import atexit; atexit.register(shutil.rmtree, root, True)
     ws = Workspace.open(root/'ws'); key = generate_signing_key(ws)
     clf = tiny_classifier(2, image_size=16)
     golden = [np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)]

@@ -215,10 +215,10 @@ def test_prediction_log_has_ids_hashes_store_and_no_image_bytes(env, server):
 
 # ---- hot swap ----------------------------------------------------------------------------------------------------
 
-def _swap_under_load(env, tmp_path, requests: int, clients: int = 8):
+def _swap_under_load(env, tmp_path, requests: int, clients: int = 8, **kw):
     "Clients hammer the server while the active slot moves from v1 to v2 half-way; every answer checked."
     link = tmp_path/'active'; _swap(link, env['bundles']['1'])
-    with ServerThread(_config(env, link, watch_s=0.02, log_dir=tmp_path/'log')) as srv:
+    with ServerThread(_config(env, link, watch_s=0.02, log_dir=tmp_path/'log', **kw)) as srv:
         done, results, failures = [0], [], []
         lock = threading.Lock()
         def client(k):
@@ -243,10 +243,19 @@ def _swap_under_load(env, tmp_path, requests: int, clients: int = 8):
         assert results[-clients:] == ['2'] * clients  # the swap stuck
         text = httpx.get(srv.url + '/metrics').text
         assert 'retail_cv_model_swaps_total{outcome="ok"} 2.0' in text and 'version="2"} 1.0' in text
+        return text
 
 
 def test_hot_swap_under_concurrent_load(env, tmp_path):
     _swap_under_load(env, tmp_path, 300)
+
+
+def test_hot_swap_with_micro_batching(env, tmp_path):
+    "Batches gather several requests yet never mix models: each answer still matches the version it names."
+    text = _swap_under_load(env, tmp_path, 300, batch_wait_ms=5, batch_images=8)
+    count = float(text.split('retail_cv_batch_size_count ')[1].split()[0])
+    total = float(text.split('retail_cv_batch_size_sum ')[1].split()[0])
+    assert total == 300 and count < total  # every image inferred once, in fewer calls than requests
 
 
 @pytest.mark.slow
@@ -284,3 +293,26 @@ def test_no_model_is_not_ready_and_predict_is_503(env, tmp_path):
 def test_serve_imports_no_torch():
     code = 'import sys, retail_cv.serve, retail_cv.cli._serve; assert "torch" not in sys.modules, sorted(sys.modules)'
     subprocess.run([sys.executable, '-c', code], check=True)
+
+
+# ---- the OpenAPI spec, fuzzed ------------------------------------------------------------------------------------
+
+SCHEMATHESIS_CHECKS = os.environ.get('RETAIL_CV_ST_CHECKS', 'all')
+
+
+@pytest.mark.skipif(shutil.which('st', path=str(Path(sys.executable).parent)) is None, reason='schemathesis is not installed')
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(env, tmp_path):
+    "Every operation of the OpenAPI spec fuzzed with an admin token: no 5xx, every answer as documented."
+    link = tmp_path/'active'; _swap(link, env['bundles']['1'])
+    st = str(Path(sys.executable).parent/'st')
+    with ServerThread(_config(env, link, watch_s=0, log_dir=None)) as srv:
+        token = issue_token(env['issuer'], 'fuzzer', ['admin'])
+        # a body the schema allows (any bytes) need not be a decodable image: that one answer is a documented 400
+        (tmp_path/'schemathesis.toml').write_text('[checks.positive_data_acceptance]\n'
+                                                   'expected-statuses = ["2xx", "400", "401", "403"]\n')
+        r = subprocess.run([st, '--config-file', str(tmp_path/'schemathesis.toml'), 'run', srv.url + '/openapi.json',
+                            '-H', f'Authorization: Bearer {token}', '--checks', SCHEMATHESIS_CHECKS, '--max-examples', '25',
+                            '--seed', '1', '--workers', '1', '--generation-database', 'none', '--request-timeout', '20'],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its reports stay out of the checkout
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert 'Tested: 6' in r.stdout, r.stdout[-3000:]  # every operation of the spec

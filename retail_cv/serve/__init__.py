@@ -7,11 +7,12 @@ Docs: https://retail-cv.github.io/retail_cv/serve.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/50_serve.ipynb #acfcce59
+# %% ../../nbs/50_serve.ipynb #751b1c86
 from ._app import create_app
-from ._auth import SCOPES, ScopeError, TokenClaims, TokenError, TokenVerifier, issue_token, read_revocations
+from ..credentials import SCOPES, ScopeError, TokenClaims, TokenError, TokenVerifier, issue_token, read_revocations
+from ._batching import MicroBatcher
 from ._images import MAX_BODY_BYTES, MAX_IMAGE_PIXELS, RequestError
-from ._log import LOG_SCHEMA, PredictionLog
+from ._log import LOG_SCHEMA, PredictionLog, delete_store, prune_log
 from ._metrics import ServeMetrics
 from ._models import LoadedModel, ModelSlot, Watcher, load_model
 from ._run import ServerThread, free_port, serve
@@ -19,5 +20,5 @@ from ._schemas import BatchOut, ModelsOut, PredictionOut, ServeConfig
 
 __all__ = ['create_app', 'serve', 'ServerThread', 'free_port', 'ServeConfig', 'SCOPES', 'issue_token', 'TokenVerifier',
            'TokenClaims', 'TokenError', 'ScopeError', 'read_revocations', 'RequestError', 'MAX_BODY_BYTES',
-           'MAX_IMAGE_PIXELS', 'LOG_SCHEMA', 'PredictionLog', 'ServeMetrics', 'LoadedModel', 'ModelSlot', 'Watcher',
-           'load_model', 'PredictionOut', 'BatchOut', 'ModelsOut']
+           'MAX_IMAGE_PIXELS', 'LOG_SCHEMA', 'PredictionLog', 'prune_log', 'delete_store', 'ServeMetrics', 'LoadedModel', 'ModelSlot', 'Watcher',
+           'load_model', 'MicroBatcher', 'PredictionOut', 'BatchOut', 'ModelsOut']
