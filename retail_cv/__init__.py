@@ -7,11 +7,11 @@ these packages and modules, bottom layer first:
 
 - `retail_cv.core`: errors, atomic writes, hashing, canonical JSON, time stamps, seeding, typed settings, workspace
 - `retail_cv.preprocess`, `retail_cv.profiles`, `retail_cv.models`: the contract around a model: inputs, device profiles, architectures
-- `retail_cv.bundle`: signed edge bundles
+- `retail_cv.bundle`, `retail_cv.credentials`: signed edge bundles; signed bearer tokens with scopes
 - `retail_cv.data` (`formats`, `synth`, `validate`, `privacy`, `store`, `loading`): datasets in, checked, anonymised, versioned, loaded
 - `retail_cv.runtime`, `retail_cv.registry`: running a bundle on a device; model versions, aliases, lineage, signed audit
 - `retail_cv.train` (and `retail_cv.train.callbacks`), `retail_cv.evaluate`, `retail_cv.jobs`, `retail_cv.tracking`: training, measuring, job runs, W&B
-- `retail_cv.tune`, `retail_cv.export`, `retail_cv.pipeline`, `retail_cv.k8s`: search, export, job DAGs, Kubernetes
+- `retail_cv.tune`, `retail_cv.export`, `retail_cv.pipeline`, `retail_cv.k8s`, `retail_cv.serve`: search, export, job DAGs, Kubernetes, the HTTP service
 - `retail_cv.demo`, `retail_cv.docs`, `retail_cv.cli`: the demo walk, the docs site, the `retail-cv` command
 
 Modules:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,12 +284,16 @@ def _few(keys: list[str], n: int = 3) -> str:
     shown = ', '.join(keys[:n])
     return shown + (f", ... (+{len(keys) - n} more)" if len(keys) > n else '')
 
+# %% ../nbs/03_models.ipynb #2c298ca5
+_TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, struct.error,
+                      AssertionError, TypeError)
+
 # %% ../nbs/03_models.ipynb #282d7278
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     "The tensors of a checkpoint file, read with `weights_only=True` and unwrapped from known containers."
     if not path.is_file(): raise ConfigError(f"weights file {path} does not exist")
     try: obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
+    except _TORCH_LOAD_ERRORS as e:
         if m := re.search(r'Unsupported global: GLOBAL (\S+)', str(e)):
             raise IntegrityError(f"weights file {path} holds a Python object ({m.group(1)}) that a weights-only load "
                                  "refuses; save plain tensors with torch.save(model.state_dict(), path)") from None

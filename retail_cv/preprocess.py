@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
@@ -76,6 +77,9 @@ def _from_array(arr: np.ndarray, name: str) -> Image.Image:
         raise DataError(f"{name}: image arrays must be H x W, H x W x 3 (RGB) or H x W x 4 (RGBA), got shape {arr.shape}")
     return Image.fromarray(np.ascontiguousarray(arr))
 
+# %% ../nbs/01_preprocess.ipynb #b4e3ea44
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
 # %% ../nbs/01_preprocess.ipynb #1ac623be
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 
@@ -105,8 +109,7 @@ def load_image(source: ImageSource,  # path, encoded bytes, PIL image or uint8 a
         im.load()
         upright = ImageOps.exif_transpose(im)
         return upright if upright.mode == 'RGB' and upright is not source else upright.convert('RGB')
-    except DataError: raise
-    except Exception as e:  # Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError, DecompressionBombError ...)
+    except _PIL_ERRORS as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
 
 # %% ../nbs/01_preprocess.ipynb #a85fe9de

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .bundle import MODEL_FILE, BundleInfo, Contract, Latency, contract_mismatches, verify_bundle
+from .bundle import MODEL_FILE, BundleInfo, Contract, Latency, _ort_errors, contract_mismatches, verify_bundle
 from .core import ConfigError, DataError, DependencyError, IntegrityError, Workspace
 from .preprocess import (Classification, Detections, Geometry, ImageSource, load_image, normalize,
                                   postprocess_classification, postprocess_detection, preprocess, resize_image)
@@ -103,7 +103,7 @@ def _open_session(info: BundleInfo,  # the verified bundle
     if note: notes.append(note)
     model = info.read_bytes(MODEL_FILE)  # the verified bytes, hash checked again
     try: session = ort.InferenceSession(model, sess_options=session_options(prof), providers=providers)
-    except Exception as e:
+    except _ort_errors() as e:
         raise IntegrityError(f"bundle {path}: ONNX Runtime cannot load {MODEL_FILE} ({type(e).__name__}: {e})") from None
     wanted = [p if isinstance(p, str) else p[0] for p in providers]
     if dropped := [p for p in wanted if p not in session.get_providers()]:

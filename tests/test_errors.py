@@ -12,17 +12,7 @@ CATCH_ALL = {'Exception', 'BaseException'}
 # Catch-all wrappers still in modules other helpers own (issue 12): each should catch the errors its library raises.
 # The test fails when one is fixed and still listed, so this list only shrinks.
 PENDING = {
-    ('retail_cv/bundle/__init__.py', '_load_model'),  # onnx.load_from_string / ort.InferenceSession
-    ('retail_cv/data/loading/_decode.py', 'decode_image_bytes'),  # Pillow: use retail_cv.data.formats._sizes._PIL_ERRORS
-    ('retail_cv/evaluate/_models.py', '_read_checkpoint_meta'),  # torch.load
-    ('retail_cv/models.py', '_read_state_dict'),  # torch.load
-    ('retail_cv/preprocess.py', 'load_image'),  # Pillow
-    ('retail_cv/runtime.py', '_open_session'),  # ort.InferenceSession
-    ('retail_cv/serve/_images.py', 'decode_image'),  # Pillow (new in the serve work): use _PIL_ERRORS
-    ('retail_cv/train/_runs.py', '_read_checkpoint'),  # torch.load
-    ('retail_cv/tune/_storage.py', 'open_storage'),  # SQLAlchemy errors
-    ('retail_cv/tune/_study.py', 'open_study'),  # optuna / SQLAlchemy errors
-    ('retail_cv/tune/_study.py', 'optimize'),  # pickle.dumps: PicklingError, TypeError, AttributeError
+    ('retail_cv/serve/_images.py', 'decode_image'),  # Pillow (new in the serve work): catch retail_cv.preprocess._PIL_ERRORS
 }
 
 

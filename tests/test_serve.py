@@ -288,6 +288,32 @@ def test_no_model_is_not_ready_and_predict_is_503(env, tmp_path):
         assert r.status_code == 503 and 'no model loaded' in r.json()['detail']
 
 
+# ---- the command line ---------------------------------------------------------------------------------------------
+
+def test_retail_cv_serve_command_serves_with_tokens(env, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from retail_cv.serve import free_port
+    pub = tmp_path/'issuer.pub'
+    pub.write_bytes(env['issuer'].public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    port, exe = free_port(), Path(sys.executable).parent/'retail-cv'
+    cmd = [str(exe), '-w', str(tmp_path/'ws'), 'serve', str(env['bundles']['2']), '--port', str(port), '--token-keys', str(pub),
+           '--trusted-keys', str(env['trusted'][0]), '--log-dir', str(tmp_path/'log'), '--watch', '0']
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f'http://127.0.0.1:{port}'
+        for _ in range(300):
+            try:
+                if httpx.get(url + '/readyz').status_code == 200: break
+            except httpx.TransportError: time.sleep(0.1)
+        r = httpx.post(url + '/v1/predict', content=env['photos'][0], headers={**_auth(env), 'Content-Type': 'image/jpeg'})
+        assert r.status_code == 200 and r.json()['model']['version'] == '2', r.text
+        _close(r.json()['classification'], env['expected']['2'][0])
+        assert httpx.post(url + '/v1/predict', content=env['photos'][0]).status_code == 401
+    finally:
+        proc.terminate(); out = proc.communicate(timeout=20)[0]
+    assert 'serving shelf-classifier 2' in out, out
+
+
 # ---- the service never imports torch -----------------------------------------------------------------------------
 
 def test_serve_imports_no_torch():

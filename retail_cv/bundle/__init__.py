@@ -63,19 +63,27 @@ def _contract_with(contract: Contract | Mapping[str, Any], postprocessing: Postp
     post = postprocessing if isinstance(postprocessing, PostprocessSpec) else parse_model(PostprocessSpec, postprocessing)
     return Contract(**{**contract.model_dump(), 'postprocessing': post.model_dump()})
 
+# %% ../../nbs/09_bundle.ipynb #fdf1dab8
+def _ort_errors() -> tuple[type[Exception], ...]:
+    "The exceptions ONNX Runtime raises for a model it cannot load: one per status code, `RuntimeError`, `UnicodeDecodeError`."
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+    return (C.Fail, C.InvalidArgument, C.NoSuchFile, C.NoModel, C.EngineError, C.RuntimeException, C.InvalidProtobuf,
+            C.InvalidGraph, C.NotImplemented, C.EPFail, C.ModelLoaded, RuntimeError, UnicodeDecodeError)
+
 # %% ../../nbs/09_bundle.ipynb #db70c4a2
 def _load_model(data: bytes, contract: Contract) -> tuple[Any, int]:
     "An ONNX Runtime CPU session of the model and its opset, after checking it is one file that matches `contract`."
     import onnx
     import onnxruntime as ort
+    from google.protobuf.message import DecodeError
     try: graph = onnx.load_from_string(data)
-    except Exception as e: raise ConfigError(f"model is not a readable ONNX file ({type(e).__name__}: {e})") from None
+    except DecodeError as e: raise ConfigError(f"model is not a readable ONNX file ({type(e).__name__}: {e})") from None
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer):
         raise ConfigError("model keeps weights in external data files, which bundles do not carry; save it as one file")
     opset = next((o.version for o in graph.opset_import if o.domain in ('', 'ai.onnx')), None)
     if opset is None: raise ConfigError("model declares no default-domain opset")
     try: session = ort.InferenceSession(data, providers=['CPUExecutionProvider'])
-    except Exception as e: raise ConfigError(f"ONNX Runtime cannot load the model ({type(e).__name__}: {e})") from None
+    except _ort_errors() as e: raise ConfigError(f"ONNX Runtime cannot load the model ({type(e).__name__}: {e})") from None
     if problems := contract_mismatches(session, contract): raise ConfigError("model does not match the contract: " + '; '.join(problems))
     return session, opset
 

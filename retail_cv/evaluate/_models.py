@@ -23,7 +23,7 @@ from ..bundle import META_FILE
 from ..core import ConfigError, DataError, IntegrityError, Task, Workspace, atomic_write, parse_model
 from ..data.formats import Dataset
 from ..data.loading import LabelMap
-from ..models import Classifier, Detector, ModelSpec, build_model, load_weights, wrap
+from ..models import _TORCH_LOAD_ERRORS, Classifier, Detector, ModelSpec, build_model, load_weights, wrap
 from ..preprocess import PostprocessSpec, PreprocessSpec, as_preprocess_spec
 from ..profiles import DeviceProfile, Precision, get_profile, providers_for, session_options
 from ..runtime import Predictor
@@ -129,7 +129,7 @@ def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
     "The `hyper_parameters` of a retail_cv training checkpoint, read with `weights_only=True`."
     if not path.is_file(): raise ConfigError(f"checkpoint {path} does not exist")
     try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
+    except _TORCH_LOAD_ERRORS as e:
         first = (str(e).strip().splitlines() or [''])[0][:200]
         raise IntegrityError(f"checkpoint {path} is not a readable weights-only PyTorch checkpoint ({type(e).__name__}: {first})") from None
     hp = ckpt.get('hyper_parameters') if isinstance(ckpt, dict) else None

@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 
 from ..core import ConfigError, IntegrityError, Workspace, atomic_open, atomic_write, parse_model, slugify
+from ..models import _TORCH_LOAD_ERRORS
 from ._config import TrainConfig
 from ._modules import ClassificationModule, DetectionModule
 
@@ -31,7 +32,7 @@ def _read_checkpoint(path: Path, map_location: Any = 'cpu') -> dict[str, Any]:
     "A retail_cv training checkpoint, read with `weights_only=True`; clear errors for anything else."
     if not path.is_file(): raise ConfigError(f"checkpoint {path} does not exist")
     try: ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
+    except _TORCH_LOAD_ERRORS as e:
         if m := re.search(r'Unsupported global: GLOBAL (\S+)', str(e)):
             raise IntegrityError(f"checkpoint {path} holds a Python object ({m.group(1)}) that a weights-only load refuses") from None
         first = (str(e).strip().splitlines() or [''])[0][:200]

@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..core import ConfigError, RetailCVError, Workspace
 
@@ -90,6 +91,9 @@ def _journal_path(storage: str | os.PathLike | None, study_name: str, workspace:
     path = Path(s).expanduser()
     return path if path.is_absolute() else workspace.root/path
 
+# %% ../../nbs/40b_tune_storage.ipynb #72096b01
+_STORAGE_ERRORS = (SQLAlchemyError, optuna.exceptions.OptunaError, RuntimeError)
+
 # %% ../../nbs/40b_tune_storage.ipynb #e873e482
 def open_storage(storage: str | os.PathLike | None,  # see the table above; None: the workspace journal
                  study_name: str,  # the study (names the default journal's folder)
@@ -113,7 +117,7 @@ def open_storage(storage: str | os.PathLike | None,  # see the table above; None
                 return RDBStorage(url, **kw)
         except ImportError as e:
             raise StorageError(f"storage {shown}: its database driver is not installed ({e.__cause__ or e})") from None
-        except Exception as e:  # SQLAlchemy's OperationalError, IntegrityError, ... (the table-creation race among them)
+        except _STORAGE_ERRORS as e:  # the table-creation race among them
             if attempt == retries:
                 raise StorageError(f"storage {shown} cannot be opened after {retries} attempts: "
                                    f"{type(e).__name__}: {str(e).strip().splitlines()[0]}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import pickle
 import socket
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -20,7 +21,7 @@ from pydantic import Field, model_validator
 
 from ..core import ConfigError, StrictModel, Workspace, parse_model
 from ._results import TuneResult, _jsonable, report
-from ._storage import StorageError, check_study_name, open_storage, redact_storage
+from ._storage import _STORAGE_ERRORS, StorageError, check_study_name, open_storage, redact_storage
 
 # %% auto #0
 __all__ = ['TuneConfig', 'open_study', 'optimize']
@@ -76,7 +77,7 @@ def open_study(config: TuneConfig | Mapping[str, Any],  # how the study runs
     try:
         study = optuna.create_study(storage=storage, study_name=cfg.study_name, direction=cfg.direction,
                                     sampler=_sampler(cfg, worker), pruner=_pruner(cfg), load_if_exists=True)
-    except Exception as e:
+    except (*_STORAGE_ERRORS, OSError, ValueError) as e:  # and the journal file's: unreadable, or a line cut short
         raise StorageError(f"study {cfg.study_name!r} in {redact_storage(cfg.storage) or 'the workspace journal'}: {type(e).__name__}: {e}") from None
     if (have := study.direction.name.lower()) != cfg.direction:
         raise ConfigError(f"study {cfg.study_name!r} exists and is set to {have} its metric; this run asks to {cfg.direction} it. Use another study name.")
@@ -135,9 +136,8 @@ def optimize(objective: Callable[[optuna.Trial], float],  # trial -> metric; pic
     study = open_study(cfg, ws, worker * cfg.n_jobs, attrs)  # create it here, so the processes below only join
     if cfg.trials and cfg.n_jobs == 1: _run_trials(study, objective, cfg.trials, cfg.timeout)
     elif cfg.trials:
-        import pickle
         try: pickle.dumps(objective)
-        except Exception as e: raise ConfigError(f"n_jobs={cfg.n_jobs} needs a picklable objective (a module-level function or TrainObjective): {e}") from None
+        except (pickle.PicklingError, TypeError, AttributeError) as e: raise ConfigError(f"n_jobs={cfg.n_jobs} needs a picklable objective (a module-level function or TrainObjective): {e}") from None
         shares = [cfg.trials // cfg.n_jobs + (i < cfg.trials % cfg.n_jobs) for i in range(cfg.n_jobs)]
         ctx, devices = multiprocessing.get_context('spawn'), _devices(cfg.n_jobs)
         threads = max(1, (os.cpu_count() or 1) // cfg.n_jobs)

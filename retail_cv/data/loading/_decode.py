@@ -19,7 +19,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from ...core import DataError
-from ...preprocess import ResizeMode, resize_geometry
+from ...preprocess import _PIL_ERRORS, ResizeMode, resize_geometry
 
 # %% auto #0
 __all__ = ['decode_image_bytes', 'resize_image', 'map_boxes', 'unmap_boxes']
@@ -39,7 +39,7 @@ def decode_image_bytes(data: bytes,  # encoded image
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     try:
         with Image.open(io.BytesIO(data)) as im: arr = np.asarray(ImageOps.exif_transpose(im).convert('RGB'))
-    except Exception as e:
+    except _PIL_ERRORS as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
