@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from PIL import Image, ImageDraw
 from pydantic import Field
 
 from .core import RetailCVError, StrictModel, Workspace, atomic_write, parse_model
-from .data.formats import Dataset
 from .data.store import DatasetStore, DatasetVersion
 from .jobs import RunRecord, jobs_dir, load_run
 from .pipeline import PipelineRun, parse_pipeline, run_pipeline

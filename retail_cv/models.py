@@ -16,7 +16,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 import onnx
 import torch
@@ -33,7 +33,8 @@ _log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['DEFAULT_ARCH', 'ONNX_OPSET', 'architectures', 'ModelSpec', 'build_model', 'example_input', 'Classifier', 'Detector',
-           'wrap', 'WeightsReport', 'load_weights', 'to_onnx', 'recalibrate_batchnorm', 'tiny_classifier']
+           'wrap', 'read_torch_file', 'WeightsReport', 'load_weights', 'to_onnx', 'recalibrate_batchnorm',
+           'tiny_classifier']
 
 # %% ../nbs/03_models.ipynb #6943a297
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -288,17 +289,25 @@ def _few(keys: list[str], n: int = 3) -> str:
 _TORCH_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, struct.error,
                       AssertionError, TypeError)
 
+# %% ../nbs/03_models.ipynb #680face1
+def read_torch_file(path: Path,  # a .pt / .pth / .ckpt file
+                    what: str = 'weights file',  # what messages call it: 'weights file', 'checkpoint'
+                    map_location: Any = 'cpu',  # where the tensors land
+                   ) -> Any:
+    "What a PyTorch file holds, read with `weights_only=True`; `ConfigError`/`IntegrityError` naming the file otherwise."
+    if not path.is_file(): raise ConfigError(f"{what} {path} does not exist")
+    try: return torch.load(path, map_location=map_location, weights_only=True)
+    except _TORCH_LOAD_ERRORS as e:
+        if m := re.search(r'Unsupported global: GLOBAL (\S+)', str(e)):
+            raise IntegrityError(f"{what} {path} holds a Python object ({m.group(1)}) that a weights-only load "
+                                 "refuses; save plain tensors with torch.save(model.state_dict(), path)") from None
+        first = (str(e).strip().splitlines() or [''])[0][:200]
+        raise IntegrityError(f"{what} {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+
 # %% ../nbs/03_models.ipynb #282d7278
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     "The tensors of a checkpoint file, read with `weights_only=True` and unwrapped from known containers."
-    if not path.is_file(): raise ConfigError(f"weights file {path} does not exist")
-    try: obj = torch.load(path, map_location='cpu', weights_only=True)
-    except _TORCH_LOAD_ERRORS as e:
-        if m := re.search(r'Unsupported global: GLOBAL (\S+)', str(e)):
-            raise IntegrityError(f"weights file {path} holds a Python object ({m.group(1)}) that a weights-only load "
-                                 "refuses; save plain tensors with torch.save(model.state_dict(), path)") from None
-        first = (str(e).strip().splitlines() or [''])[0][:200]
-        raise IntegrityError(f"weights file {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+    obj = read_torch_file(path, 'weights file')
     for key in ('state_dict', 'model'):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping): obj = obj[key]; break
     if not isinstance(obj, Mapping) or not obj:

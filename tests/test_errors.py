@@ -11,9 +11,7 @@ CATCH_ALL = {'Exception', 'BaseException'}
 
 # Catch-all wrappers still in modules other helpers own (issue 12): each should catch the errors its library raises.
 # The test fails when one is fixed and still listed, so this list only shrinks.
-PENDING = {
-    ('retail_cv/serve/_images.py', 'decode_image'),  # Pillow (new in the serve work): catch retail_cv.preprocess._PIL_ERRORS
-}
+PENDING: set[tuple[str, str]] = set()
 
 
 def _caught(t: ast.expr | None) -> set[str]:

@@ -11,7 +11,6 @@ import importlib
 import inspect
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path

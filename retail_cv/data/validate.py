@@ -21,7 +21,7 @@ from typing import Any, Callable, Literal
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..core import ConfigError, DataError, atomic_write
-from .formats import Category, Dataset, ImageRecord, exif_orientation, load_dataset, save_dataset
+from .formats import Annotation, Category, Dataset, ImageRecord, exif_orientation, load_dataset, save_dataset
 from .formats._sizes import _inside
 
 # %% auto #0

@@ -23,7 +23,7 @@ from ..bundle import META_FILE
 from ..core import ConfigError, DataError, IntegrityError, Task, Workspace, atomic_write, parse_model
 from ..data.formats import Dataset
 from ..data.loading import LabelMap
-from ..models import _TORCH_LOAD_ERRORS, Classifier, Detector, ModelSpec, build_model, load_weights, wrap
+from ..models import Classifier, Detector, ModelSpec, build_model, load_weights, read_torch_file, wrap
 from ..preprocess import PostprocessSpec, PreprocessSpec, as_preprocess_spec
 from ..profiles import DeviceProfile, Precision, get_profile, providers_for, session_options
 from ..runtime import Predictor
@@ -127,11 +127,7 @@ def _onnx_runner(session: ort.InferenceSession) -> tuple[Callable[[np.ndarray], 
 # %% ../../nbs/36b_evaluate_models.ipynb #f486cbe5
 def _read_checkpoint_meta(path: Path) -> dict[str, Any]:
     "The `hyper_parameters` of a retail_cv training checkpoint, read with `weights_only=True`."
-    if not path.is_file(): raise ConfigError(f"checkpoint {path} does not exist")
-    try: ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except _TORCH_LOAD_ERRORS as e:
-        first = (str(e).strip().splitlines() or [''])[0][:200]
-        raise IntegrityError(f"checkpoint {path} is not a readable weights-only PyTorch checkpoint ({type(e).__name__}: {first})") from None
+    ckpt = read_torch_file(path, 'checkpoint')
     hp = ckpt.get('hyper_parameters') if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or 'spec' not in hp or 'class_names' not in hp:
         raise IntegrityError(f"checkpoint {path} is not a retail_cv training checkpoint (no model spec and class names in "

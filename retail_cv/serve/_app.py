@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, Response

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 
 from ..core import ConfigError, IntegrityError, Workspace, atomic_open, atomic_write, parse_model, slugify
-from ..models import _TORCH_LOAD_ERRORS
+from ..models import read_torch_file
 from ._config import TrainConfig
 from ._modules import ClassificationModule, DetectionModule
 
@@ -30,13 +29,7 @@ __all__ = ['TrainResult', 'load_checkpoint']
 # %% ../../nbs/34_train_runs.ipynb #48b29459
 def _read_checkpoint(path: Path, map_location: Any = 'cpu') -> dict[str, Any]:
     "A retail_cv training checkpoint, read with `weights_only=True`; clear errors for anything else."
-    if not path.is_file(): raise ConfigError(f"checkpoint {path} does not exist")
-    try: ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except _TORCH_LOAD_ERRORS as e:
-        if m := re.search(r'Unsupported global: GLOBAL (\S+)', str(e)):
-            raise IntegrityError(f"checkpoint {path} holds a Python object ({m.group(1)}) that a weights-only load refuses") from None
-        first = (str(e).strip().splitlines() or [''])[0][:200]
-        raise IntegrityError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+    ckpt = read_torch_file(path, 'checkpoint', map_location)
     hp = ckpt.get('hyper_parameters') if isinstance(ckpt, dict) else None
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or not isinstance(hp, dict) or 'spec' not in hp:
         raise IntegrityError(f"checkpoint {path} is not a retail_cv training checkpoint (no model spec in its hyper_parameters)")

@@ -8,13 +8,13 @@ Docs: https://retail-cv.github.io/retail_cv/formats_sizes.html.md"""
 from __future__ import annotations
 
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
 from ...core import DataError
+from ...preprocess import _PIL_ERRORS  # what Pillow raises for a file it cannot read: one home
 from ._model import Dataset
 
 # %% auto #0
@@ -34,9 +34,6 @@ def exif_orientation(im: Image.Image) -> int:
     try: v = int(im.getexif().get(0x0112, 1) or 1)
     except Exception: return 1
     return v if 1 <= v <= 8 else 1
-
-# %% ../../../nbs/10a_formats_sizes.ipynb #e715858f
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)  # UnidentifiedImageError is an OSError
 
 # %% ../../../nbs/10a_formats_sizes.ipynb #c114f493
 _TRANSPOSED = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import xml.etree.ElementTree as ET
 from xml.parsers import expat
 from pathlib import Path, PurePosixPath
