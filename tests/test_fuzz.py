@@ -4,7 +4,7 @@ Dataset formats, validation and bundle archives, plus (through their public func
 pipeline files and device profiles.
 
 Each target writes one drawn input to a fresh folder and parses it. Anything but a `RetailCVError` escaping is a bug.
-200 cases per target run in the normal suite (derandomized, so CI is reproducible); `-m slow` runs 10,000 per target
+50 cases per target run in the normal suite (derandomized, so CI is reproducible); `-m slow` runs 10,000 per target
 with fresh randomness. `bench/bench_fuzz.py` runs the same targets under `coverage` and writes bench/results/fuzz.json.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from PIL import Image
 
 from retail_cv.core import DataError, RetailCVError
 
-NORMAL, SLOW = 200, 10_000
+NORMAL, SLOW = 50, 10_000
 OUTCOMES: dict[str, Counter] = {}  # target -> Counter({'parsed': n, 'refused': n}), read by bench/bench_fuzz.py
 
 # ---- building blocks ----------------------------------------------------------------------------------------------
