@@ -90,5 +90,8 @@ def convert_fp16(fp32_path: str | os.PathLike,  # the fp32 ONNX model
     model = onnx.load(str(fp32_path))
     meta = {p.key: p.value for p in model.metadata_props}
     half = float16.convert_float_to_float16(model, keep_io_types=True)
+    try: onnx.checker.check_model(half)
+    except onnx.checker.ValidationError as e:  # the converter can break graphs with If subgraphs (SSDlite's NMS)
+        raise ConfigError(f"fp16 conversion of {fp32_path} gave an invalid ONNX graph: {str(e).strip().splitlines()[0][:200]}") from None
     atomic_write(out_path, half.SerializeToString())
     return set_onnx_metadata(out_path, **{**meta, 'precision': 'fp16'})
