@@ -1,5 +1,6 @@
-"""A job notebook as a Kubernetes `batch/v1` Job: the runner's command in the image, resources, the workspace on a
-volume, checked against the official API schema; GPU scheduling the Run:ai way, and multi-node DDP training.
+"""A job notebook as a Kubernetes `batch/v1` Job, and `retail-cv serve` as a Deployment, a Service and a
+HorizontalPodAutoscaler: the project's images by default, non-root, secrets only by reference, checked against the
+official API schema; GPU scheduling the Run:ai way, and multi-node DDP training.
 
 Docs: https://retail-cv.github.io/retail_cv/k8s.html.md"""
 
@@ -13,18 +14,22 @@ import json
 import logging
 import os
 import re
+from pathlib import PurePosixPath
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+import retail_cv
 from .core import ConfigError, DependencyError, StrictModel, parse_model
 from .jobs import PARAM_ENV_PREFIX, find_job, job_parameters, new_run_id, redact, validate_params
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['K8S_VERSION', 'K8sJobConfig', 'job_command', 'render_job', 'to_yaml', 'validate_manifest', 'render_ddp_job']
+__all__ = ['IMAGE_REPOSITORY', 'IMAGE_UID', 'IMAGE_FLAVORS', 'K8S_VERSION', 'SERVE_PATHS', 'default_image', 'K8sJobConfig',
+           'job_command', 'render_job', 'to_yaml', 'validate_manifest', 'render_ddp_job', 'K8sServeConfig',
+           'serve_command', 'render_serve']
 
 # %% ../nbs/46_k8s.ipynb #e5879c19
 _QUANTITY = re.compile(r'^(\d+(\.\d+)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$')
@@ -37,36 +42,45 @@ def _check(pattern: re.Pattern, value: str, what: str) -> str:
     if not pattern.match(value): raise ValueError(f"{value!r} is not a valid {what}")
     return value
 
+# %% ../nbs/46_k8s.ipynb #7e0e4a5b
+IMAGE_REPOSITORY = 'ghcr.io/retail-cv/retail_cv'  # where .github/workflows/docker.yml publishes the Dockerfile's targets
+IMAGE_UID = 10001  # user and group id the images run as (Dockerfile `USER`); pods run as it and own their volumes through it
+IMAGE_FLAVORS = ('serve', 'jobs', 'jobs-cuda')  # published tags: <version>-<flavor>
+
+def default_image(flavor: str,  # 'serve', 'jobs' or 'jobs-cuda' (the jobs target on the CUDA base)
+                 ) -> str:
+    "The project's published image of `flavor` for this version of retail_cv."
+    if flavor not in IMAGE_FLAVORS: raise ConfigError(f"no image flavor {flavor!r}; flavors: {', '.join(IMAGE_FLAVORS)}")
+    return f"{IMAGE_REPOSITORY}:{retail_cv.__version__}-{flavor}"
+
+# %% ../nbs/46_k8s.ipynb #ac383bf1
+def _run_as(hardened: bool,  # the service: no capabilities, default seccomp, read-only root file system
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    "The pod's and the container's security context: the images' non-root user, and the volumes' group."
+    pod = {'runAsNonRoot': True, 'runAsUser': IMAGE_UID, 'runAsGroup': IMAGE_UID, 'fsGroup': IMAGE_UID,
+           'fsGroupChangePolicy': 'OnRootMismatch'}
+    container: dict[str, Any] = {'allowPrivilegeEscalation': False}
+    if hardened:
+        pod['seccompProfile'] = {'type': 'RuntimeDefault'}
+        container.update(readOnlyRootFilesystem=True, capabilities={'drop': ['ALL']})
+    return pod, container
+
 # %% ../nbs/46_k8s.ipynb #f5fad592
-class K8sJobConfig(StrictModel):
-    "Where and how a job runs on Kubernetes; the single source of their defaults."
-    image: str = Field(min_length=1, description="container image with retail_cv and its job notebooks")
-    namespace: str = Field('default', description="namespace of the Job")
+class _PodConfig(StrictModel):
+    "What every retail_cv pod is given: image, namespace, resources, the workspace, its environment; secrets only by reference."
+    image: str | None = Field(None, min_length=1, description="container image; None: the project's image of this version (`default_image`)")
+    namespace: str = Field('default', description="namespace of the objects")
     cpu: str = Field('2', description="CPU request and limit (a Kubernetes quantity: 2, 500m)")
     memory: str = Field('8Gi', description="memory request and limit (a quantity: 8Gi, 512Mi)")
-    gpus: int = Field(0, ge=0, description="whole GPUs, requested and limited as `gpu_resource`")
-    gpu_resource: str = Field('nvidia.com/gpu', description="extended resource name of the GPUs")
-    gpu_fraction: float | None = Field(None, gt=0, lt=1, description="Run:ai fractional GPU (annotation gpu-fraction) instead of whole GPUs")
-    workspace_pvc: str = Field('retail-cv-workspace', description="PersistentVolumeClaim mounted as the workspace")
+    workspace_pvc: str = Field('retail-cv-workspace', description="PersistentVolumeClaim of the workspace")
     workspace_mount: str = Field('/workspace', description="where the workspace is mounted; $RETAIL_CV_WORKSPACE points here")
-    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables (no secrets: see secret_env)")
     secret_env: dict[str, str] = Field(default_factory=dict, description="variable -> 'secret/key' read from a Secret (e.g. WANDB_API_KEY)")
-    secret: str | None = Field(None, description="Secret holding the job's secret parameters, one key per parameter, named as it")
-    secret_params: list[str] = Field(default_factory=list, description="parameters read from `secret` though no value is given here")
-    wandb_mode: Literal['offline', 'online', 'disabled'] = Field('offline', description="W&B mode in the pod; offline runs land in the workspace")
-    backoff_limit: int = Field(1, ge=0, description="retries of a failed pod")
-    ttl_seconds: int | None = Field(7 * 86400, ge=0, description="delete the finished Job after this long; None: keep")
-    deadline_seconds: int | None = Field(None, ge=1, description="fail the Job after this long (activeDeadlineSeconds)")
-    workers: int = Field(1, ge=1, description="pods; more than 1 makes an Indexed Job ($JOB_COMPLETION_INDEX 0..workers-1)")
-    scheduler: str | None = Field(None, description="schedulerName, e.g. runai-scheduler; None: the cluster's default")
-    queue: str | None = Field(None, description="scheduling queue (Run:ai project), set as the `queue_label` label")
-    queue_label: str = Field('runai/queue', description="label key the scheduler reads the queue from")
-    shm_size: str | None = Field('2Gi', description="size of /dev/shm (DataLoader workers); None: the runtime's 64 MiB")
     service_account: str | None = Field(None, description="service account of the pod")
     image_pull_policy: Literal['Always', 'IfNotPresent', 'Never'] = 'IfNotPresent'
     node_selector: dict[str, str] = Field(default_factory=dict, description="node labels the pod must run on")
 
-    @field_validator('cpu', 'memory', 'shm_size', mode='before')
+    @field_validator('cpu', 'memory', mode='before')
     @classmethod
     def _quantity(cls, v: Any) -> Any:
         if v is None or isinstance(v, bool): return v
@@ -77,13 +91,9 @@ class K8sJobConfig(StrictModel):
     @classmethod
     def _namespace(cls, v: str) -> str: return _check(_DNS_LABEL, v, 'namespace (lower-case letters, digits and -)')
 
-    @field_validator('workspace_pvc', 'service_account', 'secret')
+    @field_validator('workspace_pvc', 'service_account')
     @classmethod
     def _subdomain(cls, v: str | None) -> str | None: return v if v is None else _check(_DNS_SUBDOMAIN, v, 'Kubernetes object name')
-
-    @field_validator('queue')
-    @classmethod
-    def _label_value(cls, v: str | None) -> str | None: return v if v is None else _check(_LABEL_VALUE, v, 'label value')
 
     @field_validator('env', 'secret_env')
     @classmethod
@@ -106,11 +116,41 @@ class K8sJobConfig(StrictModel):
         return v
 
     @model_validator(mode='after')
-    def _no_literal_secrets(self) -> K8sJobConfig:
+    def _no_literal_secrets(self) -> _PodConfig:
         if leaked := [k for k, v in self.env.items() if redact(v, k) != v]:
             raise ValueError(f"env {', '.join(leaked)}: a secret would be written into the manifest in clear; "
                              "read it from a Secret with secret_env (--secret-env NAME=SECRET/KEY)")
         return self
+
+# %% ../nbs/46_k8s.ipynb #ee21e206
+class K8sJobConfig(_PodConfig):
+    "Where and how a job runs on Kubernetes; the single source of their defaults."
+    gpus: int = Field(0, ge=0, description="whole GPUs, requested and limited as `gpu_resource`")
+    gpu_resource: str = Field('nvidia.com/gpu', description="extended resource name of the GPUs")
+    gpu_fraction: float | None = Field(None, gt=0, lt=1, description="Run:ai fractional GPU (annotation gpu-fraction) instead of whole GPUs")
+    secret: str | None = Field(None, description="Secret holding the job's secret parameters, one key per parameter, named as it")
+    secret_params: list[str] = Field(default_factory=list, description="parameters read from `secret` though no value is given here")
+    wandb_mode: Literal['offline', 'online', 'disabled'] = Field('offline', description="W&B mode in the pod; offline runs land in the workspace")
+    backoff_limit: int = Field(1, ge=0, description="retries of a failed pod")
+    ttl_seconds: int | None = Field(7 * 86400, ge=0, description="delete the finished Job after this long; None: keep")
+    deadline_seconds: int | None = Field(None, ge=1, description="fail the Job after this long (activeDeadlineSeconds)")
+    workers: int = Field(1, ge=1, description="pods; more than 1 makes an Indexed Job ($JOB_COMPLETION_INDEX 0..workers-1)")
+    scheduler: str | None = Field(None, description="schedulerName, e.g. runai-scheduler; None: the cluster's default")
+    queue: str | None = Field(None, description="scheduling queue (Run:ai project), set as the `queue_label` label")
+    queue_label: str = Field('runai/queue', description="label key the scheduler reads the queue from")
+    shm_size: str | None = Field('2Gi', description="size of /dev/shm (DataLoader workers); None: the runtime's 64 MiB")
+
+    @field_validator('shm_size', mode='before')
+    @classmethod
+    def _shm_quantity(cls, v: Any) -> Any: return cls._quantity(v)
+
+    @field_validator('secret')
+    @classmethod
+    def _secret_name(cls, v: str | None) -> str | None: return cls._subdomain(v)
+
+    @field_validator('queue')
+    @classmethod
+    def _label_value(cls, v: str | None) -> str | None: return v if v is None else _check(_LABEL_VALUE, v, 'label value')
 
     @model_validator(mode='after')
     def _one_kind_of_gpu(self) -> K8sJobConfig:
@@ -120,6 +160,14 @@ class K8sJobConfig(StrictModel):
             raise ValueError("gpu_fraction needs a scheduler that shares GPUs (scheduler='runai-scheduler'); "
                              "the default scheduler ignores the annotation and the pod would get no GPU")
         return self
+
+    def container_image(self) -> str:
+        "The image the pod runs: `image`, else the project's jobs image, its CUDA build when the job asks for a GPU."
+        return self.image or default_image('jobs-cuda' if self.gpus or self.gpu_fraction else 'jobs')
+
+    def base_env(self) -> dict[str, str]:
+        "The variables every job pod has: the workspace is the volume, W&B's mode, logs that stream as they happen."
+        return {'RETAIL_CV_WORKSPACE': self.workspace_mount, 'WANDB_MODE': self.wandb_mode, 'PYTHONUNBUFFERED': '1'}
 
 # %% ../nbs/46_k8s.ipynb #98592f6f
 def _cli_value(v: Any) -> str:
@@ -171,8 +219,9 @@ def _job_name(job: str, run: str) -> str:
     return slug
 
 # %% ../nbs/46_k8s.ipynb #43bc05cc
-def _env(cfg: K8sJobConfig, extra: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    env = {'RETAIL_CV_WORKSPACE': cfg.workspace_mount, 'WANDB_MODE': cfg.wandb_mode, 'PYTHONUNBUFFERED': '1', **(extra or {}), **cfg.env}
+def _env(cfg: _PodConfig, extra: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    "The container's variables: the config's own, `extra`, `cfg.env`, then those read from Secrets."
+    env = {**cfg.base_env(), **(extra or {}), **cfg.env}
     out: list[dict[str, Any]] = [{'name': k, 'value': str(v)} for k, v in env.items() if k not in cfg.secret_env]
     for k, ref in cfg.secret_env.items():
         secret, _, key = ref.partition('/')
@@ -182,18 +231,19 @@ def _env(cfg: K8sJobConfig, extra: Mapping[str, str] | None = None) -> list[dict
 # %% ../nbs/46_k8s.ipynb #452a4944
 def _pod(cfg: K8sJobConfig, command: list[str], labels: dict[str, str], env: list[dict[str, Any]],
          annotations: dict[str, str] | None = None, ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    "The pod template: one container, the workspace and /dev/shm volumes, resources, scheduling."
+    "The pod template: one container as the images' user, the workspace and /dev/shm volumes, resources, scheduling."
     res = {'cpu': cfg.cpu, 'memory': cfg.memory}
     if cfg.gpus: res[cfg.gpu_resource] = str(cfg.gpus)
-    container: dict[str, Any] = {'name': 'job', 'image': cfg.image, 'imagePullPolicy': cfg.image_pull_policy, 'command': command,
-                                 'env': env, 'resources': {'requests': dict(res), 'limits': dict(res)},
+    pod_sc, container_sc = _run_as(hardened=False)
+    container: dict[str, Any] = {'name': 'job', 'image': cfg.container_image(), 'imagePullPolicy': cfg.image_pull_policy, 'command': command,
+                                 'env': env, 'resources': {'requests': dict(res), 'limits': dict(res)}, 'securityContext': container_sc,
                                  'volumeMounts': [{'name': 'workspace', 'mountPath': cfg.workspace_mount}]}
     if ports: container['ports'] = ports
     volumes: list[dict[str, Any]] = [{'name': 'workspace', 'persistentVolumeClaim': {'claimName': cfg.workspace_pvc}}]
     if cfg.shm_size:
         container['volumeMounts'].append({'name': 'dshm', 'mountPath': '/dev/shm'})
         volumes.append({'name': 'dshm', 'emptyDir': {'medium': 'Memory', 'sizeLimit': cfg.shm_size}})
-    spec: dict[str, Any] = {'restartPolicy': 'Never', 'containers': [container], 'volumes': volumes}
+    spec: dict[str, Any] = {'restartPolicy': 'Never', 'securityContext': pod_sc, 'containers': [container], 'volumes': volumes}
     if cfg.scheduler: spec['schedulerName'] = cfg.scheduler
     if cfg.service_account: spec['serviceAccountName'] = cfg.service_account
     if cfg.node_selector: spec['nodeSelector'] = dict(cfg.node_selector)
@@ -213,10 +263,11 @@ def _job(cfg: K8sJobConfig, name: str, labels: dict[str, str], pod: dict[str, An
     return {'apiVersion': 'batch/v1', 'kind': 'Job', 'metadata': {'name': name, 'namespace': cfg.namespace, 'labels': dict(labels)}, 'spec': spec}
 
 # %% ../nbs/46_k8s.ipynb #d801d1bf
-def _settings(config: K8sJobConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> K8sJobConfig:
-    "The config with keyword overrides applied, validated."
-    base = config.model_dump() if isinstance(config, K8sJobConfig) else dict(config or {})
-    return parse_model(K8sJobConfig, {**base, **overrides})
+def _settings(config: _PodConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any],
+              model: type[_PodConfig] = K8sJobConfig) -> Any:
+    "The config with keyword overrides applied, validated as `model`."
+    base = config.model_dump() if isinstance(config, _PodConfig) else dict(config or {})
+    return parse_model(model, {**base, **overrides})
 
 # %% ../nbs/46_k8s.ipynb #da21bcd8
 def _labels(job: str, run: str, cfg: K8sJobConfig) -> dict[str, str]:
@@ -338,3 +389,163 @@ def render_ddp_job(job: str | os.PathLike = 'train',  # a job with a `config` pa
     pod = _pod(cfg, launch + job_command(job, params), labels, env, ports=[{'name': 'rendezvous', 'containerPort': master_port}])
     pod['spec']['subdomain'] = service
     return [_ddp_service(service, cfg, labels, master_port), _job(cfg, name, labels, pod, nodes)]
+
+# %% ../nbs/46_k8s.ipynb #b3f005b8
+_DNS_1035 = re.compile(r'^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$')
+_CONFIGMAP_KEY = re.compile(r'^[-._a-zA-Z0-9]{1,253}$')
+
+class K8sServeConfig(_PodConfig):
+    "Where and how `retail-cv serve` runs on Kubernetes; the single source of their defaults."
+    name: str = Field('retail-cv-serve', description="name of the Deployment, its Service and its autoscaler")
+    memory: str = Field('2Gi', description="memory request and limit (a quantity: 2Gi, 512Mi)")
+    min_replicas: int = Field(2, ge=1, description="pods the autoscaler keeps at least")
+    max_replicas: int = Field(10, ge=1, description="pods it may add up to; equal to min_replicas: a fixed count, no autoscaler")
+    cpu_utilization: int = Field(70, ge=1, le=100, description="average CPU use the autoscaler aims at, % of the request")
+    port: int = Field(8080, ge=1024, le=65535, description="port the service listens on in the pod (a non-root user: 1024 and up)")
+    service_port: int = Field(80, ge=1, le=65535, description="port of the Service")
+    service_type: Literal['ClusterIP', 'NodePort', 'LoadBalancer'] = Field('ClusterIP', description="type of the Service")
+    trusted_keys: str = Field('retail-cv-bundle-keys', description="ConfigMap of the bundle signing public keys (*.pub)")
+    token_keys: str = Field('retail-cv-token-keys', description="ConfigMap of the token issuer's public keys (*.pub)")
+    revocations: str | None = Field(None, description="'configmap/key' of the revoked token ids, re-read when it changes")
+    profile: str | None = Field(None, description="device profile of the bundle (default: the bundle's)")
+    log_pvc: str | None = Field(None, description="PersistentVolumeClaim of the prediction log, one folder per pod; None: no log")
+    log_sample: float | None = Field(None, gt=0, le=1, description="share of predictions logged (None: serve's default)")
+    batch_wait_ms: float | None = Field(None, ge=0, description="micro-batching wait (None: serve's default)")
+    batch_images: int | None = Field(None, ge=1, description="most images in one inference call (None: serve's default)")
+
+    @field_validator('name')
+    @classmethod
+    def _service_name(cls, v: str) -> str: return _check(_DNS_1035, v, 'Service name (a lower-case letter, then letters, digits and -)')
+
+    @field_validator('trusted_keys', 'token_keys', 'log_pvc')
+    @classmethod
+    def _object_names(cls, v: str | None) -> str | None: return cls._subdomain(v)
+
+    @field_validator('revocations')
+    @classmethod
+    def _configmap_key(cls, v: str | None) -> str | None:
+        name, _, key = (v or '').partition('/')
+        if v is not None and not (_DNS_SUBDOMAIN.match(name) and _CONFIGMAP_KEY.match(key)): raise ValueError(f"{v!r} is not 'configmap/key'")
+        return v
+
+    @model_validator(mode='after')
+    def _replica_range(self) -> K8sServeConfig:
+        if self.min_replicas > self.max_replicas: raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
+
+    def container_image(self) -> str:
+        "The image the pods run: `image`, else the project's serve image of this version."
+        return self.image or default_image('serve')
+
+    def base_env(self) -> dict[str, str]: return {'RETAIL_CV_WORKSPACE': self.workspace_mount, 'PYTHONUNBUFFERED': '1'}
+
+    def labels(self) -> dict[str, str]: return {'app': 'retail-cv', 'retail-cv/serve': self.name}
+
+# %% ../nbs/46_k8s.ipynb #b37bbe55
+SERVE_PATHS = {'bundle_keys': '/etc/retail-cv/bundle-keys', 'token_keys': '/etc/retail-cv/token-keys',  # the serve image's defaults too
+               'revocations': '/etc/retail-cv/revocations', 'models': '/models', 'log': '/var/lib/retail-cv/predictions'}
+
+def _model(target: str,  # MODEL@ALIAS or MODEL:VERSION, or a bundle's path relative to the workspace
+          ) -> tuple[str, bool]:
+    "The model as `retail-cv serve` in the pod is given it, and whether it is a registry reference."
+    if redact(target, 'model') != target: raise ConfigError("the model to serve holds a secret, which a manifest must not: give MODEL@ALIAS or a bundle path")
+    path = PurePosixPath(target)
+    if '@' in target or (':' in target and not path.is_absolute()):
+        from retail_cv.registry import split_ref  # the registry's own reading of a reference
+        split_ref(target)  # a bad model name fails here, not in the pod
+        return target, True
+    if path.is_absolute() or '..' in path.parts or not path.parts:
+        raise ConfigError(f"bundle path {target!r}: give it relative to the workspace volume (bundles/NAME); the pod mounts it read-only at {SERVE_PATHS['models']}")
+    return f"{SERVE_PATHS['models']}/{path}", False
+
+# %% ../nbs/46_k8s.ipynb #404fd176
+def serve_command(target: str,  # MODEL@ALIAS, or a bundle path relative to the workspace
+                  cfg: K8sServeConfig,  # port, revocations, log, batching
+                 ) -> list[str]:
+    "The pod's `retail-cv serve` command: the model, the mounted keys and log, every interface on `cfg.port`."
+    model, p = _model(target)[0], SERVE_PATHS
+    cmd = ['retail-cv', 'serve', _escape(model), '--host', '0.0.0.0', '--port', str(cfg.port),
+           '--trusted-keys', p['bundle_keys'], '--token-keys', p['token_keys']]
+    if cfg.revocations: cmd += ['--revocations', f"{p['revocations']}/{cfg.revocations.partition('/')[2]}"]
+    if cfg.log_pvc: cmd += ['--log-dir', p['log']]
+    for flag, value in (('--profile', cfg.profile), ('--log-sample', cfg.log_sample), ('--batch-wait-ms', cfg.batch_wait_ms),
+                        ('--batch-images', cfg.batch_images)):
+        if value is not None: cmd += [flag, _escape(_cli_value(value))]
+    return cmd
+
+# %% ../nbs/46_k8s.ipynb #b8bb7d9c
+def _serve_volumes(target: str, cfg: K8sServeConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    "Mounts and volumes: the workspace (bundles read-only for a path), the key ConfigMaps, the log, scratch for /tmp."
+    p, ref = SERVE_PATHS, _model(target)[1]
+    mounts = [{'name': 'workspace', 'mountPath': cfg.workspace_mount}, {'name': 'tmp', 'mountPath': '/tmp'},
+              {'name': 'bundle-keys', 'mountPath': p['bundle_keys'], 'readOnly': True},
+              {'name': 'token-keys', 'mountPath': p['token_keys'], 'readOnly': True}]
+    volumes = [{'name': 'tmp', 'emptyDir': {'sizeLimit': '1Gi'}}, {'name': 'bundle-keys', 'configMap': {'name': cfg.trusted_keys}},
+               {'name': 'token-keys', 'configMap': {'name': cfg.token_keys}}]
+    claim = {'claimName': cfg.workspace_pvc}
+    if ref: volumes.append({'name': 'workspace', 'persistentVolumeClaim': claim})
+    else:  # the bundles read-only; the service's own workspace is scratch
+        volumes += [{'name': 'workspace', 'emptyDir': {}}, {'name': 'models', 'persistentVolumeClaim': {**claim, 'readOnly': True}}]
+        mounts.append({'name': 'models', 'mountPath': p['models'], 'readOnly': True})
+    if cfg.revocations:
+        volumes.append({'name': 'revocations', 'configMap': {'name': cfg.revocations.partition('/')[0]}})
+        mounts.append({'name': 'revocations', 'mountPath': p['revocations'], 'readOnly': True})
+    if cfg.log_pvc:  # a folder per pod: each service rotates its own predictions.jsonl
+        volumes.append({'name': 'predictions', 'persistentVolumeClaim': {'claimName': cfg.log_pvc}})
+        mounts.append({'name': 'predictions', 'mountPath': p['log'], 'subPathExpr': '$(POD_NAME)'})
+    return mounts, volumes
+
+# %% ../nbs/46_k8s.ipynb #43b7a2bc
+def _serve_container(target: str, cfg: K8sServeConfig, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    "The `serve` container: its command, the `http` port, probes on /healthz and /readyz, Guaranteed resources, hardened."
+    res = {'cpu': cfg.cpu, 'memory': cfg.memory}
+    def probe(path: str, period: int, failures: int) -> dict[str, Any]:
+        return {'httpGet': {'path': path, 'port': 'http'}, 'periodSeconds': period, 'timeoutSeconds': 5, 'failureThreshold': failures}
+    env = _env(cfg) + [{'name': 'POD_NAME', 'valueFrom': {'fieldRef': {'fieldPath': 'metadata.name'}}}]
+    return {'name': 'serve', 'image': cfg.container_image(), 'imagePullPolicy': cfg.image_pull_policy, 'command': serve_command(target, cfg),
+            'ports': [{'name': 'http', 'containerPort': cfg.port, 'protocol': 'TCP'}], 'env': env,
+            'resources': {'requests': dict(res), 'limits': dict(res)}, 'startupProbe': probe('/healthz', 5, 60),
+            'livenessProbe': probe('/healthz', 10, 3), 'readinessProbe': probe('/readyz', 5, 2),
+            'securityContext': _run_as(hardened=True)[1], 'volumeMounts': mounts}
+
+# %% ../nbs/46_k8s.ipynb #00fd5fdb
+def _deployment(target: str, cfg: K8sServeConfig) -> dict[str, Any]:
+    "The Deployment: non-root pods spread over the nodes, replaced one at a time with none taken down first."
+    labels, (mounts, volumes) = cfg.labels(), _serve_volumes(target, cfg)
+    spread = {'maxSkew': 1, 'topologyKey': 'kubernetes.io/hostname', 'whenUnsatisfiable': 'ScheduleAnyway', 'labelSelector': {'matchLabels': labels}}
+    pod: dict[str, Any] = {'securityContext': _run_as(hardened=True)[0], 'automountServiceAccountToken': False,
+                           'containers': [_serve_container(target, cfg, mounts)], 'volumes': volumes, 'topologySpreadConstraints': [spread]}
+    if cfg.service_account: pod['serviceAccountName'] = cfg.service_account
+    if cfg.node_selector: pod['nodeSelector'] = dict(cfg.node_selector)
+    annotations = {'prometheus.io/scrape': 'true', 'prometheus.io/port': str(cfg.port), 'prometheus.io/path': '/metrics', 'retail-cv/model': target}
+    spec: dict[str, Any] = {'selector': {'matchLabels': labels}, 'strategy': {'type': 'RollingUpdate', 'rollingUpdate': {'maxSurge': 1, 'maxUnavailable': 0}},
+                            'template': {'metadata': {'labels': labels, 'annotations': annotations}, 'spec': pod}}
+    if cfg.min_replicas == cfg.max_replicas: spec = {'replicas': cfg.min_replicas, **spec}  # else the autoscaler's to choose
+    return {'apiVersion': 'apps/v1', 'kind': 'Deployment', 'metadata': {'name': cfg.name, 'namespace': cfg.namespace, 'labels': labels}, 'spec': spec}
+
+# %% ../nbs/46_k8s.ipynb #d91dfe07
+def _serve_service(cfg: K8sServeConfig) -> dict[str, Any]:
+    "The Service in front of the ready pods: `service_port` to their `http` port."
+    return {'apiVersion': 'v1', 'kind': 'Service', 'metadata': {'name': cfg.name, 'namespace': cfg.namespace, 'labels': cfg.labels()},
+            'spec': {'type': cfg.service_type, 'selector': cfg.labels(),
+                     'ports': [{'name': 'http', 'port': cfg.service_port, 'targetPort': 'http', 'protocol': 'TCP'}]}}
+
+# %% ../nbs/46_k8s.ipynb #8deb0c59
+def _autoscaler(cfg: K8sServeConfig) -> dict[str, Any]:
+    "An autoscaling/v2 HorizontalPodAutoscaler that keeps the pods' average CPU use near `cpu_utilization` % of the request."
+    target = {'type': 'Utilization', 'averageUtilization': cfg.cpu_utilization}
+    return {'apiVersion': 'autoscaling/v2', 'kind': 'HorizontalPodAutoscaler',
+            'metadata': {'name': cfg.name, 'namespace': cfg.namespace, 'labels': cfg.labels()},
+            'spec': {'scaleTargetRef': {'apiVersion': 'apps/v1', 'kind': 'Deployment', 'name': cfg.name},
+                     'minReplicas': cfg.min_replicas, 'maxReplicas': cfg.max_replicas,
+                     'metrics': [{'type': 'Resource', 'resource': {'name': 'cpu', 'target': target}}]}}
+
+# %% ../nbs/46_k8s.ipynb #696ce9dd
+def render_serve(target: str,  # MODEL@ALIAS (followed as it moves), MODEL:VERSION, or a bundle path relative to the workspace
+                 config: K8sServeConfig | Mapping[str, Any] | None = None,  # where and how it runs
+                 **overrides: Any,  # K8sServeConfig fields: image, min_replicas, max_replicas, token_keys, secret_env, ...
+                ) -> list[dict[str, Any]]:
+    "A Deployment running `retail-cv serve`, its Service, and a HorizontalPodAutoscaler when the replica count may vary."
+    cfg = _settings(config, overrides, K8sServeConfig)
+    docs = [_deployment(target, cfg), _serve_service(cfg)]
+    return docs + ([_autoscaler(cfg)] if cfg.max_replicas > cfg.min_replicas else [])

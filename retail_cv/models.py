@@ -218,45 +218,77 @@ class _Wrapper(nn.Module):
         "A random batch that follows the input contract."
         return example_input(self.spec, batch_size, seed)
 
+# %% ../nbs/03_models.ipynb #787cb09c
+_EMBEDDING_FORMAT = 'global average pool of the last feature map'  # what `embedding` outputs hold
+
+def _classifier_parts(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+    "Split a classifier into images -> pooled features (the embedding) and the head that maps them to logits."
+    if isinstance(model, (torchvision.models.MobileNetV3, torchvision.models.EfficientNet)):
+        return (lambda x: torch.flatten(model.avgpool(model.features(x)), 1)), model.classifier
+    if isinstance(model, torchvision.models.ResNet):
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4)
+        return (lambda x: torch.flatten(model.avgpool(stem(x)), 1)), model.fc
+    if isinstance(model, _TinyCNN): return model.features, model.head
+    raise ConfigError(f"no pooled-feature split known for {type(model).__name__}")
+
+
 # %% ../nbs/03_models.ipynb #c45a5588
 class Classifier(_Wrapper):
-    "A classifier taking normalised float32 NCHW RGB images and returning logits `(B, num_classes)`."
-    output_names = ('logits',)
-    dynamic_axes = {'images': {0: 'batch'}, 'logits': {0: 'batch'}}
+    "A classifier taking normalised float32 NCHW RGB images and returning logits `(B, C)` and its pooled features `(B, D)`."
+    output_names = ('logits', 'embedding')
+    dynamic_axes = {'images': {0: 'batch'}, 'logits': {0: 'batch'}, 'embedding': {0: 'batch'}}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor: return self.model(images)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        trunk, head = _classifier_parts(self.model)
+        embedding = trunk(images)
+        return head(embedding), embedding
 
     def contract(self) -> dict[str, Any]:
         "Inputs, outputs and preprocessing, JSON-ready."
-        n = self.spec.image_size
+        n, d = self.spec.image_size, next(m for m in _classifier_parts(self.model)[1].modules() if isinstance(m, nn.Linear)).in_features
         return {'inputs': [{'name': 'images', 'shape': ['batch', 3, n, n], 'dtype': 'float32'}],
-                'outputs': [{'name': 'logits', 'shape': ['batch', self.spec.num_classes], 'dtype': 'float32'}],
+                'outputs': [{'name': 'logits', 'shape': ['batch', self.spec.num_classes], 'dtype': 'float32'},
+                            {'name': 'embedding', 'shape': ['batch', d], 'dtype': 'float32', 'format': _EMBEDDING_FORMAT}],
                 'preprocessing': self.preprocessing}
+
+
+# %% ../nbs/03_models.ipynb #b10af2f7
+def _pooled(features: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    "Global average of a backbone's first (finest) feature map: `(B, C)`."
+    x = next(iter(features.values())) if isinstance(features, Mapping) else features
+    return x.mean((2, 3))
+
 
 # %% ../nbs/03_models.ipynb #8c8d7cd7
 class Detector(_Wrapper):
-    "A detector taking normalised float32 NCHW RGB images and returning padded `(boxes, scores, labels)`."
-    output_names = ('boxes', 'scores', 'labels')
+    "A detector taking normalised float32 NCHW RGB images and returning padded `(boxes, scores, labels)` and pooled features."
+    output_names = ('boxes', 'scores', 'labels', 'embedding')
     dynamic_axes: dict = {}  # the batch size is fixed at export
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        k, boxes, scores, labels = self.spec.max_detections, [], [], []
-        for d in self.model(list(images.unbind(0))):
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        k, boxes, scores, labels, features = self.spec.max_detections, [], [], [], []
+        hook = self.model.backbone.register_forward_hook(lambda m, i, out: features.append(out))
+        try: detections = self.model(list(images.unbind(0)))
+        finally: hook.remove()
+        for d in detections:
             boxes.append(torch.cat([d['boxes'], d['boxes'].new_zeros(k, 4)])[:k])
             scores.append(torch.cat([d['scores'], d['scores'].new_zeros(k)])[:k])
             labels.append(torch.cat([d['labels'], d['labels'].new_full((k,), -1)])[:k])
-        return torch.stack(boxes), torch.stack(scores), torch.stack(labels)
+        return torch.stack(boxes), torch.stack(scores), torch.stack(labels), _pooled(features[0])
 
     def contract(self, batch_size: int = 1,  # the batch size the graph was exported with
                 ) -> dict[str, Any]:
         "Inputs, outputs and preprocessing, JSON-ready."
         n, k = self.spec.image_size, self.spec.max_detections
+        with torch.no_grad(): d = _pooled(self.model.backbone(torch.zeros(1, 3, n, n))).shape[1]
         return {'inputs': [{'name': 'images', 'shape': [batch_size, 3, n, n], 'dtype': 'float32'}],
                 'outputs': [{'name': 'boxes', 'shape': [batch_size, k, 4], 'dtype': 'float32', 'format': 'xyxy pixels of the input'},
                             {'name': 'scores', 'shape': [batch_size, k], 'dtype': 'float32', 'padding': 0.0},
                             {'name': 'labels', 'shape': [batch_size, k], 'dtype': 'int64', 'padding': -1,
-                             'range': [1, self.spec.num_classes]}],
+                             'range': [1, self.spec.num_classes]},
+                            {'name': 'embedding', 'shape': [batch_size, d], 'dtype': 'float32', 'format': _EMBEDDING_FORMAT}],
                 'preprocessing': self.preprocessing}
+
 
 # %% ../nbs/03_models.ipynb #807bd549
 def wrap(model: nn.Module,  # a model from `build_model(spec)`

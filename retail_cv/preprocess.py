@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, Union
 
@@ -232,6 +232,7 @@ class Classification:
     score: float  # its softmax probability
     index: int  # its index in the label list
     topk: tuple[tuple[str, float], ...]  # (label, probability), best first
+    embedding: np.ndarray | None = field(default=None, repr=False)  # (D,) pooled features, when the model emits them
 
     def to_dict(self) -> dict[str, Any]:
         "JSON-ready form."
@@ -245,6 +246,7 @@ class Detections:
     scores: np.ndarray  # (n,) float32
     labels: np.ndarray  # (n,) int64 class indices into the bundle's label list (model label - label_offset)
     label_names: tuple[str, ...]  # name of each detection's class
+    embedding: np.ndarray | None = field(default=None, repr=False)  # (D,) pooled features, when the model emits them
 
     def __len__(self) -> int: return len(self.scores)
 

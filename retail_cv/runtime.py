@@ -12,6 +12,7 @@ import os
 import re
 import statistics
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -197,8 +198,10 @@ class Predictor:
         n, fixed = len(x), self.contract.batch_size
         if fixed and n < fixed: x = np.concatenate([x, np.zeros((fixed - n, *x.shape[1:]), x.dtype)])
         out, post = self.run(x), self.contract.postprocessing
-        if self.task == 'classification': return postprocess_classification(out['logits'][:n], self.labels, post)
-        return postprocess_detection(out['boxes'][:n], out['scores'][:n], out['labels'][:n], geoms, self.labels, post)
+        if self.task == 'classification': results = postprocess_classification(out['logits'][:n], self.labels, post)
+        else: results = postprocess_detection(out['boxes'][:n], out['scores'][:n], out['labels'][:n], geoms, self.labels, post)
+        if 'embedding' not in out: return results
+        return [dataclasses.replace(r, embedding=e) for r, e in zip(results, out['embedding'][:n])]
 
     def _batches(self, x: np.ndarray, geoms: Sequence[Geometry]) -> list[Classification | Detections]:
         b = self.batch_size
@@ -270,22 +273,20 @@ class GoldenReport:
 # %% ../nbs/20_runtime.ipynb #83020b6a
 def _golden_compare(name: str, task: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray], i: int,
                     threshold: float, atol: float, rtol: float, diffs: dict[str, float]) -> list[str]:
-    "Mismatches between the outputs for golden image `i` and the expected ones."
-    if task == 'classification':
-        g, w = got['logits'][0], want['logits'][i]
-        diffs['logits'] = max(diffs.get('logits', 0.0), float(np.abs(g - w).max()))
-        return [] if np.allclose(g, w, atol=atol, rtol=rtol) else [f"{name}: logits differ by up to {np.abs(g - w).max():.3g}"]
+    "Mismatches between the outputs for golden image `i` and the expected ones (the task's outputs, then the embedding)."
+    def close(out: str, g: np.ndarray, w: np.ndarray) -> list[str]:
+        if g.size: diffs[out] = max(diffs.get(out, 0.0), float(np.abs(g - w).max()))
+        return [] if np.allclose(g, w, atol=atol, rtol=rtol) else [f"{name}: {out} differ by up to {np.abs(g - w).max():.3g}"]
+    extra = close('embedding', got['embedding'][0], want['embedding'][i]) if 'embedding' in got and 'embedding' in want else []
+    if task == 'classification': return close('logits', got['logits'][0], want['logits'][i]) + extra
     keep_w = (want['scores'][i] >= threshold) & (want['labels'][i] >= 0)
     keep_g = (got['scores'][0] >= threshold) & (got['labels'][0] >= 0)
     if keep_w.sum() != keep_g.sum():
-        return [f"{name}: {int(keep_g.sum())} detections score {threshold} or more, expected {int(keep_w.sum())}"]
-    problems = []
-    for out in ('boxes', 'scores'):
-        g, w = got[out][0][keep_g], want[out][i][keep_w]
-        if g.size: diffs[out] = max(diffs.get(out, 0.0), float(np.abs(g - w).max()))
-        if not np.allclose(g, w, atol=atol, rtol=rtol): problems.append(f"{name}: {out} differ by up to {np.abs(g - w).max():.3g}")
+        return [f"{name}: {int(keep_g.sum())} detections score {threshold} or more, expected {int(keep_w.sum())}"] + extra
+    problems = [p for out in ('boxes', 'scores') for p in close(out, got[out][0][keep_g], want[out][i][keep_w])]
     if not np.array_equal(got['labels'][0][keep_g], want['labels'][i][keep_w]): problems.append(f"{name}: labels differ")
-    return problems
+    return problems + extra
+
 
 # %% ../nbs/20_runtime.ipynb #8d5a4f55
 def check_golden(predictor: Predictor,  # an opened bundle

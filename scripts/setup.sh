@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with everything retail_cv needs and register its Jupyter kernel. Idempotent: re-runs only when
-# pyproject.toml changed since the last install.
+# Create .venv with everything retail_cv needs (every extra) and register its Jupyter kernel. Idempotent: re-runs
+# only when pyproject.toml changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,7 +10,7 @@ stamp=.venv/.retail-cv-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "== installing retail_cv and its dependencies into .venv (first time: a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -e '.[all,dev]'  # every extra: the demo and the tests use them all
   # papermill jobs and JupyterLab run on this kernel, so both see the same environment
   .venv/bin/python -m ipykernel install --sys-prefix --name retail-cv --display-name 'Python (retail-cv)' >/dev/null
   touch "$stamp"

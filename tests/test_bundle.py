@@ -289,3 +289,21 @@ def test_key_files_and_sources(env, tmp_path, monkeypatch):
     monkeypatch.delenv(TRUSTED_KEYS_ENV)
     with pytest.raises(ConfigError, match='no trusted public keys'): verify_bundle(out)
     with pytest.raises(ConfigError, match='that is a private key'): verify_bundle(out, k.private_key)
+
+
+def test_model_with_non_utf8_dimension_names_is_refused(env, tmp_path):
+    "A model whose dimension names are not UTF-8 (a crafted file): refused by the builder, and by the runtime in a validly signed bundle."
+    from retail_cv.runtime import Predictor
+    raw = env['onnx'].read_bytes()
+    assert raw.count(b'batch') >= 2
+    crafted = raw.replace(b'batch', b'b\xfftch')  # the same length: the protobuf stays well-formed
+    message = "model does not match the contract: model inputs have a name or dimension that is not UTF-8 text"
+    with pytest.raises(ConfigError, match=message) as e: build_bundle(tmp_path/'b', crafted, **env['kw'])
+    assert "model outputs have a name or dimension that is not UTF-8 text" in str(e.value)
+    assert not (tmp_path/'b').exists()
+    # signed with the trusted key, so only the runtime's own contract check stands between it and a session
+    path = copy_of(env, tmp_path)
+    (path/'model.onnx').write_bytes(crafted)
+    sign_bundle(path, env['key'].private_key)
+    with pytest.raises(IntegrityError, match="model.onnx does not match the contract in bundle.json: model inputs have a name or dimension that is not UTF-8"):
+        Predictor.from_bundle(path, trusted_keys=env['trusted'])

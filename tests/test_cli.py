@@ -182,3 +182,15 @@ def test_piped_output_keeps_long_paths_whole(tmp_path):
     blocker = tmp_path/('not-a-folder-' + 'y' * 100); blocker.write_text('')
     r = run_cli('data', 'synth', '--out', blocker, '--images', 1, env={'COLUMNS': '80'})
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [f"error: output {blocker} exists and is not a folder"]
+
+
+@pytest.mark.parametrize('args, message', [
+    (['data', 'synth', '--images', 1, '--no-such-option-' + 'z' * 100], 'No such option: --no-such-option-' + 'z' * 100),
+    (['data', 'synth', '--out', 'x', 'extra-' + 'e' * 100], 'Got unexpected extra argument(s) (extra-' + 'e' * 100 + ')'),
+])
+def test_piped_usage_error_is_whole_lines_exit_2(args, message):
+    "A usage error on a pipe (a CI log): exit code 2, the usage, the hint and the error each on one line, nothing cut at 80 columns."
+    r = run_cli(*args, env={'COLUMNS': '80'})
+    assert r.returncode == 2, r.stderr
+    assert r.stdout == '' and r.stderr.splitlines() == [
+        'Usage: retail-cv data synth [OPTIONS]', "Try 'retail-cv data synth --help' for help.", f'error: {message}'], r.stderr

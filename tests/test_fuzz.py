@@ -1,7 +1,9 @@
 """Fuzzed parsers: whatever bytes arrive, a reader returns a dataset (or a verified bundle) or raises a retail_cv error.
 
-Dataset formats, validation and bundle archives, plus (through their public functions only) job parameters,
-pipeline files and device profiles.
+Dataset formats, validation and bundle archives, plus (through their public functions only) job parameters (the
+notebook's parameters cell, a YAML file, `key=value` pairs, `$RETAIL_CV_PARAM_*`), pipeline files and device profiles.
+Inputs are drawn mostly well-formed with wrong values (three draws in four), so that the checks behind the first
+parse run too, and otherwise as junk.
 
 Each target writes one drawn input to a fresh folder and parses it. Anything but a `RetailCVError` escaping is a bug.
 50 cases per target run in the normal suite (derandomized, so CI is reproducible); `-m slow` runs 10,000 per target
@@ -10,6 +12,7 @@ with fresh randomness. `bench/bench_fuzz.py` runs the same targets under `covera
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import shutil
@@ -28,7 +31,9 @@ from PIL import Image
 from retail_cv.core import DataError, RetailCVError
 
 NORMAL, SLOW = 50, 10_000
-OUTCOMES: dict[str, Counter] = {}  # target -> Counter({'parsed': n, 'refused': n}), read by bench/bench_fuzz.py
+OUTCOMES: dict[str, Counter] = {}  # target -> Counter({'parsed': n, 'refused': n, 'escaped': n}), read by bench/bench_fuzz.py
+COUNT_ESCAPES = False  # bench/bench_fuzz.py: count a non-retail_cv error as 'escaped' and go on, instead of failing the run
+ESCAPES: dict[str, list[str]] = {}  # target -> the first escaped errors, when COUNT_ESCAPES
 
 # ---- building blocks ----------------------------------------------------------------------------------------------
 
@@ -52,9 +57,13 @@ IMAGE_BYTES = st.one_of(st.just(PNG), st.binary(max_size=64), st.binary(max_size
 
 
 def _run(target: str, parse) -> None:
-    "Call `parse()`; count the outcome. Only retail_cv errors may escape it."
+    "Call `parse()`; count the outcome. Only retail_cv errors may escape it (`COUNT_ESCAPES`: count the others and go on)."
     try: parse()
     except RetailCVError: OUTCOMES.setdefault(target, Counter())['refused'] += 1
+    except Exception as e:
+        if not COUNT_ESCAPES: raise
+        OUTCOMES.setdefault(target, Counter())['escaped'] += 1
+        if len(seen := ESCAPES.setdefault(target, [])) < 10: seen.append(f"{type(e).__module__}.{type(e).__name__}: {str(e)[:300]}")
     else: OUTCOMES.setdefault(target, Counter())['parsed'] += 1
 
 
@@ -331,33 +340,83 @@ def fuzz_bundle(data: tuple) -> None:
 BUNDLE_INPUT = st.tuples(st.sampled_from(['bytes', 'members', 'signed']), st.lists(st.tuples(st.integers(0, 2**20), st.integers(0, 255)), max_size=4),
                          st.none() | st.integers(0, 40_000), st.lists(MEMBER, max_size=3), JSON_EDIT, JSON_EDIT, st.booleans())
 
-# ---- parsers other modules own, through their public functions: job parameters, pipeline and profile YAML ------------
+# ---- job parameters, pipeline and profile YAML: drawn mostly well-formed with wrong values, so the checks run -----------
 
-PARAM_KEYS = st.sampled_from(['epochs', 'lr', 'data', 'arch', 'seed', 'x']) | TOKEN
+JOBS = Path(__file__).resolve().parents[1]/'nbs'/'jobs'
+PARAM_NAMES = ['epochs', 'lr', 'data', 'opts', 'tags', 'flag', 'x']
+ANNOTATION = st.sampled_from(['', 'int', 'float', 'str', 'bool', 'dict', 'list', 'None', 'Any', 'Optional[str]', 'int | None',
+                              'dict | str', 'float | int', 'List[int]', 'x.y', "'int'"])
+DEFAULT = st.sampled_from(['1', '0.5', "'x'", 'True', 'None', '[1, 2]', '{}', '(1, 2)', 'f()', 'os.getcwd()', '-3', "{'a': 1}",
+                           "b'x'", '{[]: 1}', '{1, (2, [3])}', '1 + 2j', '...'])
+STATEMENT = st.sampled_from(['import os', 'a, b = 1, 2', 'x.y = 1', 'x[0] = 1', 'def (', '"""doc"""', 'for', 'x = (', '    y = 1',
+                             '# a comment', 'x = 1 if y else 2', 'a = b = 1', '\x00'])
+
+
+def _declaration(t: tuple) -> str:
+    name, ann, default, comment = t
+    return name + (f': {ann}' if ann else '') + (f' = {default}' if default is not None else '') + comment
+
+PARAMETERS_CELL = st.lists(_mostly(st.tuples(st.sampled_from(PARAM_NAMES), ANNOTATION, st.none() | DEFAULT,
+                                             st.sampled_from(['', '  # the help'])).map(_declaration), STATEMENT), max_size=6).map('\n'.join)
+
+
+def _notebook(t: tuple) -> str:
+    "A job notebook: `tagged` cells tagged 'parameters' holding `source` (as one string or a list of lines), then one more cell."
+    source, tagged, as_list = t
+    cell = lambda tags: {'cell_type': 'code', 'metadata': {'tags': tags}, 'outputs': [], 'execution_count': None,
+                         'source': source.splitlines(keepends=True) if as_list else source}
+    return json.dumps({'cells': [cell(['parameters']) for _ in range(tagged)] + [cell([])], 'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5})
+
+NOT_A_NOTEBOOK = st.one_of(st.binary(max_size=40), JSON.map(json.dumps), st.sampled_from([
+    '{"cells": 5}', '{"cells": [1]}', '{"cells": [{"metadata": 1}]}', '{"cells": [{"metadata": {"tags": "parameters"}}]}',
+    '{"cells": [{"metadata": {"tags": ["parameters"]}, "source": 5}]}', '{"cells": [{"metadata": {"tags": ["parameters"]}, "source": [1]}]}',
+    '{"cells": [{"metadata": {"tags": ["parameters"]}}]}', '{"cells": [{"metadata": {"tags": [["parameters"]]}}]}',
+    '{"cells": [{"metadata": {"tags": 7}}]}']))
+NOTEBOOK = _mostly(st.tuples(PARAMETERS_CELL, st.sampled_from([1, 1, 1, 0, 2]), st.booleans()).map(_notebook), NOT_A_NOTEBOOK)
+VALUE_TEXT = st.sampled_from(['3', '0.5', 'true', 'x', '{a: 1}', '[1, 2]', '2020-01-01', '{a: [', 'null', '', '1e3', "'3'",
+                              '!!python/name:os.system', '*a', '&a [*a]']) | TOKEN
+VALUE = st.sampled_from([1, 0.5, 'x', True, None, [1, 2], {'a': 1}, datetime.date(2020, 1, 1), 'grocery@latest', -3])
+PARAM_KEY = _mostly(st.sampled_from(PARAM_NAMES), TOKEN)
+PARAMS_INPUT = st.tuples(
+    NOTEBOOK, st.sampled_from(['drawn', 'drawn', 'drawn', 'train', 'train.ipynb', 'nope', 'missing.ipynb']),
+    _mostly(st.dictionaries(PARAM_KEY, _mostly(VALUE, JSON), max_size=4).map(yaml.safe_dump), st.text(max_size=40)),  # the YAML file
+    st.lists(_mostly(st.tuples(PARAM_KEY, VALUE_TEXT).map('='.join), TOKEN), max_size=3),  # -p key=value
+    st.dictionaries(st.sampled_from(PARAM_NAMES), VALUE_TEXT, max_size=2))  # $RETAIL_CV_PARAM_<name>
 
 
 def fuzz_params(data: tuple) -> None:
-    text, pairs = data
-    from retail_cv.jobs import parse_params, validate_params
+    notebook, job, text, pairs, env = data
+    from retail_cv.jobs import PARAM_ENV_PREFIX, params_from_env, parse_params, validate_params
     with _Folder() as root:
-        _write(root, {'p.yaml': text})
-        _run('params', lambda: validate_params(Path(__file__).resolve().parents[1]/'nbs'/'jobs'/'train.ipynb', parse_params(pairs, root/'p.yaml')))
+        _write(root, {'job.ipynb': notebook, 'p.yaml': text})
+        ref = {'drawn': root/'job.ipynb', 'train.ipynb': JOBS/'train.ipynb', 'missing.ipynb': root/'missing.ipynb'}.get(job, job)
+        def parse():
+            given = params_from_env(ref, {PARAM_ENV_PREFIX + k: v for k, v in env.items()})
+            validate_params(ref, {**given, **parse_params(pairs, root/'p.yaml')})
+        _run('params', parse)
 
-PARAMS_INPUT = st.tuples(_mostly(st.dictionaries(PARAM_KEYS, _mostly(st.sampled_from([1, 0.01, 'grocery@latest', 'resnet18']), JSON), max_size=4).map(yaml.safe_dump), st.text(max_size=40)),
-                         st.lists(_mostly(st.tuples(PARAM_KEYS, TOKEN).map('='.join), TOKEN), max_size=3))
-
-STEP = st.fixed_dictionaries({'job': _mostly(st.sampled_from(['train', 'evaluate', 'nope']), TOKEN)},
-                             optional={'needs': st.lists(st.sampled_from(['a', 'b', 'c']), max_size=2),
-                                       'params': st.dictionaries(PARAM_KEYS, JSON | st.sampled_from(['${a.outputs.x}', '${b}', '${', '$${a}']), max_size=2)})
-PIPELINE = _mostly(st.fixed_dictionaries({'name': _mostly(st.sampled_from(['p', 'shelf-1']), TOKEN),
-                                          'steps': st.dictionaries(_mostly(st.sampled_from(['a', 'b', 'c']), TOKEN), _mostly(STEP, JSON), min_size=1, max_size=3)}), JSON)
+STEP_NAMES = ['a', 'b', 'c']
+REFERENCE = st.sampled_from(['${a.outputs.x}', '${ b.outputs.version }', '${z.outputs.x}', '${a}', 'v ${c.outputs.n} w', '${',
+                             '$${a.outputs.x}', '${a.outputs.}', '${a.outputs.x} and ${b.outputs.y}'])
+STEP_VALUE = st.recursive(st.sampled_from([1, 'x', True, 0.5, {}, [], None, 'grocery@latest', -1]) | REFERENCE,
+                          lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.sampled_from(['k', 'm']), inner, max_size=2), max_leaves=4)
+STEP = st.fixed_dictionaries(
+    {'job': _mostly(st.sampled_from(['train', 'evaluate', 'job.ipynb', 'job.ipynb', 'missing.ipynb', 'nope']), TOKEN | SCALARS)},
+    optional={'needs': _mostly(st.lists(st.sampled_from([*STEP_NAMES, 'z']), max_size=2), JSON),
+              'params': _mostly(st.dictionaries(st.sampled_from(['data', 'epochs', 'config', 'n', 's', 'opts', 'nope']), STEP_VALUE, max_size=3), JSON),
+              'retries': SCALARS})
+PIPELINE = _mostly(st.fixed_dictionaries({'name': _mostly(st.sampled_from(['p', 'shelf-1']), TOKEN | SCALARS),
+                                          'steps': _mostly(st.dictionaries(_mostly(st.sampled_from(STEP_NAMES), st.sampled_from(['1x', 'a b', 'é', '']) | TOKEN),
+                                                                           _mostly(STEP, JSON), min_size=1, max_size=3), JSON)}),
+                   st.fixed_dictionaries({}, optional={'name': JSON, 'steps': JSON, 'other': JSON}))
+STEP_JOB = _notebook(("n: int = 1  # a number\ns = ''\nopts: dict | str = {}", 1, True))  # the job 'job.ipynb' names
 
 
 def fuzz_pipeline(data: tuple) -> None:
     obj, raw = data
     from retail_cv.pipeline import load_pipeline
     with _Folder() as root:
-        _write(root, {'pipeline.yaml': raw if raw is not None else yaml.safe_dump(obj, allow_unicode=True)})
+        _write(root, {'pipeline.yaml': raw if raw is not None else yaml.safe_dump(obj, allow_unicode=True), 'job.ipynb': STEP_JOB})
         _run('pipeline', lambda: load_pipeline(root/'pipeline.yaml'))
 
 PIPELINE_INPUT = st.tuples(PIPELINE, _mostly(st.none(), st.text(max_size=60)))
@@ -373,8 +432,13 @@ def fuzz_profile(data: tuple) -> None:
 
 PROFILE_KEYS = st.sampled_from(['name', 'providers', 'provider_options', 'intra_op_threads', 'execution_mode', 'graph_optimization',
                                 'input_size', 'precisions', 'latency_budget_ms', 'batch_size', 'update']) | TOKEN
-PROFILE_INPUT = st.tuples(st.lists(st.tuples(PROFILE_KEYS, st.none() | JSON | st.sampled_from([0, -1, 'fp16', ['int8'], {'detection': 0}])), max_size=3),
-                          _mostly(st.none(), st.text(max_size=60)))
+PROVIDER = st.sampled_from(['cpu', 'CPU', 'cuda', 'CUDAExecutionProvider', 'CPUExecutionProvider', 'cpuexecutionprovider', 'Cpu_',
+                            'tensorrt', 'cpux', 'CUDAExecutionProvidr', 'nope', '']) | TOKEN
+PROFILE_EDIT = st.one_of(
+    st.tuples(st.just('providers'), _mostly(st.lists(PROVIDER, max_size=3), JSON)),
+    st.tuples(st.just('provider_options'), _mostly(st.dictionaries(PROVIDER, _mostly(st.just({'device_id': 0}), JSON), max_size=2), JSON)),
+    st.tuples(PROFILE_KEYS, st.none() | JSON | st.sampled_from([0, -1, 'fp16', ['int8'], {'detection': 0}, 'parallel', 'basic', 1e9])))
+PROFILE_INPUT = st.tuples(st.lists(PROFILE_EDIT, max_size=3), _mostly(st.none(), st.text(max_size=60)))
 
 # ---- the targets and their tests ----------------------------------------------------------------------------------
 

@@ -193,6 +193,24 @@ def test_sigkilled_runner_leaves_no_secret_on_disk(tmp_path):
     leaks = {(str(f.relative_to(tmp_path)), name) for f in files for name, s in secrets.items() if s.encode() in f.read_bytes()}
     assert not leaks, leaks
 
+def test_streamed_log_output_masks_secrets(tmp_path):
+    "`retail-cv run --log-output` (how a Kubernetes pod runs a job) streams cell output to the log: secrets masked there too."
+    secrets = {'url': 'hunter2-url', 'nested': 'hunter2-nested', 'token': 'tok-0123456789', 'env': 'env-token-0123456789'}
+    job = write_job(tmp_path/'jobs', 'chatty', "storage = ''  # database URL\nconfig = {}\napi_token = ''\nworkspace = ''",
+                    "import os, sys\nprint('streamed:', storage, config, os.environ['SERVICE_TOKEN'])\n"
+                    "print('to stderr:', api_token, file=sys.stderr)",
+                    "{'result': api_token, 'db': storage}")  # an execute_result: papermill logs its text/plain too
+    env = {'IPYTHONDIR': str(tmp_path/'ipython'), 'SERVICE_TOKEN': secrets['env']}
+    r = run_cli('-w', tmp_path/'ws', 'run', job, '-q', '--log-output', '-p', 'storage=postgresql://app:hunter2-url@db:5432/x',
+                '-p', 'config={db: {host: db, password: hunter2-nested}}', '-p', f"api_token={secrets['token']}", env=env, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = r.stdout + r.stderr
+    # the output was streamed (so the test can fail): the lines are there, the secrets in them masked
+    assert "streamed: postgresql://app:***@db:5432/x {'db': {'host': 'db', 'password': '***'}} ***" in log, log[-3000:]
+    assert 'to stderr: ***' in log and "{'result': '***', 'db': 'postgresql://app:***@db:5432/x'}" in log
+    assert not {name for name, s in secrets.items() if s in log}, log[-3000:]
+
+
 def _pipeline(folder: Path, x: int = 3, limit: int = 100) -> Path:
     f = folder/'pipe.yaml'
     f.write_text(f"""

@@ -247,7 +247,8 @@ def _swap_under_load(env, tmp_path, requests: int, clients: int = 8, **kw):
 
 
 def test_hot_swap_under_concurrent_load(env, tmp_path):
-    _swap_under_load(env, tmp_path, 300)
+    "2,000 requests from 8 clients, the slot moved half-way: none fails, each answer matches the version it names."
+    _swap_under_load(env, tmp_path, 2000)
 
 
 def test_hot_swap_with_micro_batching(env, tmp_path):
@@ -256,11 +257,6 @@ def test_hot_swap_with_micro_batching(env, tmp_path):
     count = float(text.split('retail_cv_batch_size_count ')[1].split()[0])
     total = float(text.split('retail_cv_batch_size_sum ')[1].split()[0])
     assert total == 300 and count < total  # every image inferred once, in fewer calls than requests
-
-
-@pytest.mark.slow
-def test_hot_swap_under_concurrent_load_2000(env, tmp_path):
-    _swap_under_load(env, tmp_path, 2000)
 
 
 def test_a_bundle_failing_verification_keeps_the_old_model_and_says_so(env, tmp_path):

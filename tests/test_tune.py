@@ -1,23 +1,12 @@
 """Hyper-parameter search end to end: a real PostgreSQL server shared by two worker processes, the journal default,
 pruning through Lightning, and search-space validation.
 
-The PostgreSQL fixture runs the server binaries of the Debian package `postgresql` (scripts/system-deps.sh installs
-it on CI): `initdb` into a temporary folder, `postgres` on a free localhost port with its socket in that folder,
-then `CREATE DATABASE`. `initdb` and `postgres` refuse to run as root, so when the tests run as root (a container)
-both run as an unprivileged user through `runuser -u USER --`: the `postgres` account the Debian package creates, or
-`nobody` where it is absent, with the temporary folder owned by that user. Authentication is `trust` on 127.0.0.1,
-which is safe because the server listens on loopback only and lives as long as the test module.
+The PostgreSQL server is the `postgres_url` fixture of tests/conftest.py (the fleet tests use it too).
 """
-import glob
 import json
 import os
-import pwd
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -25,89 +14,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pg_binary(name: str) -> str | None:
-    "A PostgreSQL server binary on PATH or in Debian's versioned folder."
-    if found := shutil.which(name): return found
-    cands = sorted(glob.glob(f'/usr/lib/postgresql/*/bin/{name}'))
-    return cands[-1] if cands else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope='module')
-def postgres_url():
-    "A fresh PostgreSQL server with an empty database `tune`; yields its URL, then stops the server and deletes it."
-    import psycopg2
-    initdb, postgres = _pg_binary('initdb'), _pg_binary('postgres')
-    assert initdb and postgres, "PostgreSQL server binaries not found (scripts/system-deps.sh installs Debian package 'postgresql')"
-    prefix: list[str] = []
-    root = os.geteuid() == 0
-    base = Path(tempfile.mkdtemp(prefix='retailcv-pg-', dir='/tmp' if root else None))  # /tmp: traversable by the server's user
-    if root:  # initdb/postgres refuse root: run them as an unprivileged account owning the folder
-        user = next(u for u in ('postgres', 'nobody') if _has_user(u))
-        pw = pwd.getpwnam(user)
-        os.chown(base, pw.pw_uid, pw.pw_gid)
-        prefix = ['runuser', '-u', user, '--'] if shutil.which('runuser') else ['su', '-s', '/bin/sh', user, '-c']
-    data, port = base/'data', _free_port()
-    log_path = base.parent/f'{base.name}.log'
-    proc, log = None, open(log_path, 'wb')
-    try:
-        init = _as(prefix, [initdb, '-D', str(data), '-U', 'retailcv', '--auth=trust', '-E', 'UTF8', '--no-sync'])
-        assert init.returncode == 0, f"initdb failed: {init.stderr.decode(errors='replace')[-2000:]}"
-        proc = _as(prefix, [postgres, '-D', str(data), '-k', str(base), '-p', str(port), '-c', 'listen_addresses=127.0.0.1',
-                            '-c', 'fsync=off', '-c', 'max_connections=60'], popen=True, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                conn = psycopg2.connect(host='127.0.0.1', port=port, user='retailcv', dbname='postgres', connect_timeout=2)
-                break
-            except psycopg2.OperationalError:
-                assert proc.poll() is None, f"postgres exited: {log_path.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, f"postgres did not accept connections in 30 s: {log_path.read_text()[-2000:]}"
-                time.sleep(0.2)
-        conn.autocommit = True
-        conn.cursor().execute('CREATE DATABASE tune')
-        conn.close()
-        yield f'postgresql://retailcv@127.0.0.1:{port}/tune'
-    finally:
-        _stop_postgres(data, proc)
-        log.close()
-        shutil.rmtree(base, ignore_errors=True)
-        log_path.unlink(missing_ok=True)
-
-
-def _has_user(name: str) -> bool:
-    try: pwd.getpwnam(name); return True
-    except KeyError: return False
-
-
-def _as(prefix: list[str], cmd: list[str], popen: bool = False, **kw):
-    "Run `cmd` directly, or as another user through `runuser -u USER --` (or `su -c`)."
-    full = prefix + [' '.join(map(str, cmd))] if prefix[:1] == ['su'] else prefix + cmd
-    if popen: return subprocess.Popen(full, **kw)
-    return subprocess.run(full, capture_output=True, timeout=120, **kw)
-
-
-def _stop_postgres(data: Path, proc) -> None:
-    "Fast shutdown (SIGINT) of the postmaster this fixture started, by the pid it recorded; immediate (SIGQUIT) if it lingers."
-    pidfile = data/'postmaster.pid'
-    pid = int(pidfile.read_text().split()[0]) if pidfile.exists() else None
-    def signal_postmaster(sig):
-        if pid is not None:
-            try: os.kill(pid, sig)
-            except ProcessLookupError: pass
-    signal_postmaster(signal.SIGINT)
-    if proc is None: return
-    try: proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        signal_postmaster(signal.SIGQUIT)
-        proc.kill(); proc.wait()
 
 
 # --- the searches ------------------------------------------------------------------------------------------------
@@ -275,3 +181,70 @@ def test_job_notebook_is_a_worker_of_the_postgres_study(postgres_url, tmp_path):
         assert cur.fetchall() == [(0, 'COMPLETE'), (1, 'COMPLETE')]
     best = json.loads((tmp_path/'ws'/'runs'/'studies'/'k8s'/'best.json').read_text())
     assert best['storage'] == postgres_url and best['best']['number'] in (0, 1)
+
+
+def _journal_of_one_study(tmp_path) -> tuple[Path, list[bytes]]:
+    "A journal holding study 's' with two finished trials, and its lines."
+    import optuna
+    from retail_cv.core import Workspace
+    from retail_cv.tune import open_study
+    j = tmp_path/'good.log'
+    open_study({'study_name': 's', 'storage': str(j)}, Workspace.open(tmp_path/'ws')).optimize(lambda t: t.suggest_float('x', 0, 1), n_trials=2)
+    return j, j.read_bytes().splitlines(keepends=True)
+
+
+@pytest.mark.parametrize('damage', ['cut', 'binary', 'alien'])
+def test_damaged_journal_is_a_storage_error_naming_the_file(tmp_path, damage):
+    "A journal line cut short (then others appended), bytes that are not text, JSON that is no Optuna operation: a StorageError, never a bare JSONDecodeError."
+    from retail_cv.core import Workspace
+    from retail_cv.tune import StorageError, open_storage, open_study, study_results
+    _, lines = _journal_of_one_study(tmp_path)
+    bad = {'cut': lines[1][:len(lines[1]) // 2] + b'\n', 'binary': b'\xff\x80\x00 not text\n', 'alien': b'{"op_code": 99}\n'}[damage]
+    j = tmp_path/'damaged.log'
+    j.write_bytes(b''.join([lines[0], bad, *lines[1:]]))
+    ws = Workspace.open(tmp_path/'ws')
+    for call in (lambda: open_storage(str(j), 's', ws), lambda: open_study({'study_name': 's', 'storage': str(j)}, ws),
+                 lambda: study_results('s', str(j), ws)):
+        with pytest.raises(StorageError, match=f"journal {j} is damaged or not an Optuna journal") as e: call()
+        assert e.value.__cause__ is None and e.value.__suppress_context__  # one clear error, not Optuna's traceback
+
+
+def test_damaged_last_journal_line_is_skipped_as_one_being_written(tmp_path):
+    "Optuna skips a damaged last line (another process may be writing it): the study still opens."
+    from retail_cv.core import Workspace
+    from retail_cv.tune import study_results
+    j, lines = _journal_of_one_study(tmp_path)
+    j.write_bytes(b''.join(lines) + b'{"op_code": 4, "worker_id"\n')
+    assert len(study_results('s', str(j), Workspace.open(tmp_path/'ws')).trials) == 2
+
+
+@pytest.mark.parametrize('ddl, message', [
+    # Optuna's table with a column Optuna does not fill: the insert fails, the look-up finds nothing (was: KeyError)
+    ('create table studies (study_id integer primary key, study_name varchar(512) unique, owner text not null)',
+     "it can be neither created nor found there, so its tables are not Optuna's (KeyError"),
+    ('create table study_directions (study_direction_id integer primary key, direction text, study_id int, objective int, x text not null)',
+     "it can be neither created nor found there, so its tables are not Optuna's (KeyError"),
+    # two rows in alembic's version table: Optuna's schema check stops (was: alembic's CommandError)
+    ("create table alembic_version (version_num varchar(32) primary key); insert into alembic_version values ('a'), ('b')",
+     "its tables are not Optuna's (CommandError"),
+])
+def test_crafted_sqlite_file_is_a_storage_error(tmp_path, ddl, message):
+    import sqlite3
+    from retail_cv.core import Workspace
+    from retail_cv.tune import StorageError, open_study
+    db = tmp_path/'crafted.db'
+    with sqlite3.connect(db) as conn: conn.executescript(ddl)
+    with pytest.raises(StorageError, match=message.replace('(', r'\(')) as e:
+        open_study({'study_name': 's', 'storage': f'sqlite:///{db}', 'heartbeat_s': None}, Workspace.open(tmp_path/'ws'))
+    assert 'crafted.db' in str(e.value)
+
+
+def test_study_results_on_foreign_tables_is_a_storage_error(tmp_path):
+    "Reading a study back from a database whose `studies` table is someone else's (was: Optuna's StorageInternalError)."
+    import sqlite3
+    from retail_cv.core import Workspace
+    from retail_cv.tune import StorageError, study_results
+    db = tmp_path/'other.db'
+    with sqlite3.connect(db) as conn: conn.execute('create table studies (foo text)')
+    with pytest.raises(StorageError, match=r"study 's' in sqlite:///.*other\.db: StorageInternalError"):
+        study_results('s', f'sqlite:///{db}', Workspace.open(tmp_path/'ws'))

@@ -199,7 +199,7 @@ def build_bundle(out: str | os.PathLike,  # bundle folder, or archive ending .ta
     skey = load_signing_key(key, workspace)
     data = bytes(model) if isinstance(model, (bytes, bytearray)) else Path(model).read_bytes()
     contract = _contract_with(contract, postprocessing)
-    task = task or ('classification' if [o.name for o in contract.outputs] == ['logits'] else 'detection')
+    task = task or ('classification' if 'logits' in [o.name for o in contract.outputs] else 'detection')
     session, opset = _load_model(data, contract)
     golden = [_golden_file(item, i) for i, item in enumerate(golden_images)]
     if not golden: raise ConfigError("give at least one golden image")

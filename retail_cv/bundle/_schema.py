@@ -22,7 +22,8 @@ __all__ = ['BUNDLE_FORMAT_VERSION', 'MODEL_FILE', 'META_FILE', 'CARD_FILE', 'CAR
            'PrecisionChoice', 'Latency', 'Provenance', 'Golden', 'BundleMeta', 'FileEntry', 'Manifest']
 
 # %% ../../nbs/05_bundle_schema.ipynb #d52b1ba4
-BUNDLE_FORMAT_VERSION = 1  # the newest bundle format this code reads and writes
+BUNDLE_FORMAT_VERSION = 2  # the newest bundle format this code reads and writes; 2 added the optional `embedding` output
+
 
 # %% ../../nbs/05_bundle_schema.ipynb #f9466263
 MODEL_FILE, META_FILE, CARD_FILE, CARD_HTML_FILE, MANIFEST_FILE, SIGNATURE_FILE = (
@@ -75,14 +76,17 @@ def contract_mismatches(session: Any,  # an onnxruntime.InferenceSession (anythi
                        ) -> list[str]:
     "Differences between an ONNX Runtime session's inputs/outputs and the contract (empty when they agree)."
     problems = []
-    for kind, got, want in (('input', session.get_inputs(), contract.inputs), ('output', session.get_outputs(), contract.outputs)):
-        if [g.name for g in got] != [w.name for w in want]:
-            problems.append(f"model {kind}s are {[g.name for g in got]}, contract says {[w.name for w in want]}"); continue
-        for g, w in zip(got, want):
-            dtype = _ORT_DTYPES.get(g.type, g.type)
+    for kind, args, want in (('input', session.get_inputs(), contract.inputs), ('output', session.get_outputs(), contract.outputs)):
+        try: got = [(a.name, a.type, list(a.shape)) for a in args]
+        except UnicodeDecodeError as e:  # ONNX Runtime decodes names and dimensions as UTF-8 when asked; a crafted model holds other bytes
+            problems.append(f"model {kind}s have a name or dimension that is not UTF-8 text ({e})"); continue
+        if [g[0] for g in got] != [w.name for w in want]:
+            problems.append(f"model {kind}s are {[g[0] for g in got]}, contract says {[w.name for w in want]}"); continue
+        for (_, type_, shape), w in zip(got, want):
+            dtype = _ORT_DTYPES.get(type_, type_)
             if dtype != w.dtype: problems.append(f"{kind} {w.name!r} is {dtype} in the model, {w.dtype} in the contract")
-            if len(g.shape) != len(w.shape) or any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(g.shape, w.shape)):
-                problems.append(f"{kind} {w.name!r} has shape {list(g.shape)} in the model, {w.shape} in the contract")
+            if len(shape) != len(w.shape) or any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(shape, w.shape)):
+                problems.append(f"{kind} {w.name!r} has shape {shape} in the model, {w.shape} in the contract")
     return problems
 
 # %% ../../nbs/05_bundle_schema.ipynb #0df53eaa
@@ -132,21 +136,24 @@ class Golden(StrictModel):
 
 # %% ../../nbs/05_bundle_schema.ipynb #12948ed9
 def _check_outputs(task: str, contract: Contract, labels: list[str]) -> None:
-    "Refuse outputs that do not fit the task and the label list."
+    "Refuse outputs that do not fit the task and the label list; an `embedding` (batch, D) may follow them."
     outs, n = {o.name: o for o in contract.outputs}, len(labels)
+    if (emb := outs.pop('embedding', None)) is not None and (len(emb.shape) != 2 or emb.dtype != 'float32'):
+        raise ValueError(f"output 'embedding' must be float32 (batch, D), got {emb.dtype} {emb.shape}")
     if task == 'classification':
         if list(outs) != ['logits'] or len(outs['logits'].shape) != 2 or outs['logits'].shape[1] != n:
-            raise ValueError(f"a classifier's contract has one output 'logits' of shape (batch, {n}) for {n} labels, "
-                             f"got {[(o.name, o.shape) for o in contract.outputs]}")
+            raise ValueError(f"a classifier's contract has the output 'logits' of shape (batch, {n}) for {n} labels "
+                             f"(and optionally 'embedding'), got {[(o.name, o.shape) for o in contract.outputs]}")
         return
     if set(outs) != {'boxes', 'scores', 'labels'}:
-        raise ValueError(f"a detector's contract has outputs boxes, scores and labels, got {sorted(outs)}")
+        raise ValueError(f"a detector's contract has outputs boxes, scores and labels (and optionally embedding), got {sorted(outs)}")
     if outs['boxes'].shape[-1] != 4 or outs['labels'].dtype not in ('int64', 'int32'):
         raise ValueError("detector outputs must be boxes (B, K, 4) and integer labels")
     lo = contract.postprocessing.label_offset
     if outs['labels'].range is not None and tuple(outs['labels'].range) != (lo, lo + n - 1):
         raise ValueError(f"output 'labels' ranges over {list(outs['labels'].range)} but {n} labels with "
                          f"label_offset {lo} mean [{lo}, {lo + n - 1}]")
+
 
 # %% ../../nbs/05_bundle_schema.ipynb #6748e842
 _NAME_RE, _VERSION_RE = r'^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$', r'^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$'

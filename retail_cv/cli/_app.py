@@ -8,9 +8,11 @@ Docs: https://retail-cv.github.io/retail_cv/cli_app.html.md"""
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 import json
 import logging
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +20,15 @@ from typing import Any, Iterable, Optional, Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 import retail_cv
-from ..core import ConfigError, RetailCVError, Settings, Workspace, load_settings
+from ..core import ConfigError, DependencyError, RetailCVError, Settings, Workspace, load_settings
 
 # %% auto #0
 __all__ = ['console', 'err_console', 'app', 'make_console', 'print_json', 'table', 'progress', 'Default', 'given', 'parse_pairs',
-           'quiet_lightning', 'State', 'root', 'workspace', 'main', 'version']
+           'quiet_lightning', 'State', 'root', 'workspace', 'extras_for', 'missing_extra', 'main', 'version']
 
 # %% ../../nbs/90_cli_app.ipynb #5fe53780
 _UNWRAPPED = 1_000_000  # columns of a console writing to a pipe or a file: in effect, no limit
@@ -143,13 +146,63 @@ def workspace(ctx: typer.Context) -> Workspace:
     "The workspace the global options name, opened (created if need be)."
     return Workspace.open(ctx.obj.settings().workspace)
 
+# %% ../../nbs/90_cli_app.ipynb #ebd52342
+# import names whose distribution is spelt otherwise (the rest match once '-', '_' and '.' are read alike)
+_DISTRIBUTIONS = {'cv2': 'opencv-python-headless', 'PIL': 'pillow', 'yaml': 'pyyaml', 'psycopg2': 'psycopg2-binary',
+                  'markdown_it': 'markdown-it-py', 'jupyter_client': 'ipykernel'}
+
+def extras_for(dist: str,  # a distribution name, as pip knows it ('torch', 'opencv-python-headless')
+              ) -> list[str]:
+    "The extras of the installed retail-cv that list `dist` themselves, in pyproject order; [] for none (or a core package)."
+    try: requires = importlib.metadata.requires('retail-cv') or []
+    except importlib.metadata.PackageNotFoundError: return []  # run from a source tree that was never installed
+    normal = lambda name: re.sub(r'[-_.]+', '-', name).lower()  # as pip compares names
+    found = (re.match(r'\s*([A-Za-z0-9._-]+)[^;]*;\s*extra\s*==\s*["\']([^"\']+)', r) for r in requires)
+    return list(dict.fromkeys(m[2] for m in found if m and normal(m[1]) == normal(dist) != 'retail-cv'))  # not extras naming extras
+
+# %% ../../nbs/90_cli_app.ipynb #28b04d6e
+def missing_extra(e: ModuleNotFoundError,  # raised by an import
+                 ) -> DependencyError | None:
+    "A `DependencyError` naming the extra that installs the module `e` misses; None when no extra brings it (a bug)."
+    top = (e.name or '').partition('.')[0]
+    dist = _DISTRIBUTIONS.get(top, top)
+    extras = [x for x in extras_for(dist) if x not in ('all', 'dev')]
+    if not extras: return None
+    also = f" (or [{'], ['.join(extras[1:])}])" if extras[1:] else ''
+    return DependencyError(f"{dist} is not installed: this needs the [{extras[0]}] extra{also}: "
+                           f"pip install 'retail-cv[{extras[0]}]' ('retail-cv[all]' for every command)")
+
+# %% ../../nbs/90_cli_app.ipynb #292af5c7
+def _show_cli_error(e: typer.TyperException,  # click's error: a usage error (unknown option, missing argument), a bad file...
+                   ) -> int:
+    "Print a command-line error (typer's panel on a terminal, whole lines elsewhere); return its exit code."
+    if type(e).__name__ == 'NoArgsIsHelpError': return e.exit_code  # typer printed the help as the error was made
+    if err_console.is_terminal:
+        from typer import rich_utils
+        rich_utils.rich_format_error(e)
+        return e.exit_code
+    if (ctx := getattr(e, 'ctx', None)) is not None:
+        err_console.print(ctx.get_usage(), highlight=False, markup=False)
+        if ctx.command.get_help_option(ctx) is not None:
+            err_console.print(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", highlight=False, markup=False)
+    err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False)
+    return e.exit_code
+
 # %% ../../nbs/90_cli_app.ipynb #9471b12f
 def main() -> None:
-    "Entry point of the `retail-cv` command: library errors become one red line and exit code 1."
-    try: app(prog_name='retail-cv')
-    except RetailCVError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+    "Entry point of `retail-cv`: library errors, and a missing extra's package, become one red line and exit code 1."
+    # typer's own handling would print usage errors in its 80-column panel: `_show_cli_error` prints them
+    try: code = app(prog_name='retail-cv', standalone_mode=False)
+    except typer.TyperException as e: sys.exit(_show_cli_error(e))
+    except typer.Abort:  # Ctrl-D at a prompt
+        err_console.print('Aborted!', highlight=False)
         sys.exit(1)
+    except (RetailCVError, ModuleNotFoundError) as e:
+        if isinstance(e, ModuleNotFoundError) and (e := missing_extra(e)) is None: raise
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True)
+        sys.exit(1)
+    if isinstance(code, int) and code: sys.exit(code)  # `typer.Exit(code)` comes back as its code
+
 
 # %% ../../nbs/90_cli_app.ipynb #44c122ef
 @app.command()

@@ -1,4 +1,4 @@
-"""`retail-cv doctor`: the environment a bug report needs, and exit 1 when something required is missing or broken.
+"""`retail-cv doctor`: the environment a bug report needs; exit 1 when a needed package is missing or broken.
 
 Docs: https://retail-cv.github.io/retail_cv/cli_doctor.html.md"""
 
@@ -14,16 +14,17 @@ import platform
 import sys
 
 import typer
+from rich.markup import escape
 
 import retail_cv
-from ._app import app, console, err_console, print_json, table
+from ._app import app, console, err_console, extras_for, print_json, table
 from ..core import RetailCVError, Settings, Workspace
 
 # %% auto #0
 __all__ = ['REQUIRED', 'check_package', 'runtime_environment', 'kernel_registered', 'doctor_report', 'doctor']
 
 # %% ../../nbs/91_cli_doctor.ipynb #79f6caf3
-# (import name, distribution name): everything the lifecycle needs at run time.
+# (import name, distribution name): the core and the main package of each extra.
 REQUIRED = [('torch', 'torch'), ('torchvision', 'torchvision'), ('lightning', 'lightning'), ('wandb', 'wandb'),
             ('optuna', 'optuna'), ('onnx', 'onnx'), ('onnxruntime', 'onnxruntime'), ('papermill', 'papermill'),
             ('nbdev', 'nbdev'), ('ipykernel', 'ipykernel'), ('cv2', 'opencv-python-headless'), ('PIL', 'pillow'),
@@ -35,16 +36,19 @@ REQUIRED = [('torch', 'torch'), ('torchvision', 'torchvision'), ('lightning', 'l
 def check_package(module: str,  # import name
                   dist: str,  # distribution name, as pip knows it
                  ) -> dict:
-    "Import one package and report its version, or why it is missing or broken."
+    "Import one package: its version, whether it is ok, missing or broken (and why), and the extra that installs it (None: core)."
+    extra = next((x for x in extras_for(dist) if x not in ('all', 'dev')), None)
     try: version = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError: version = None
+    row = dict(package=dist, version=version, extra=extra)
     try: importlib.import_module(module)
     except ModuleNotFoundError as e:
-        if e.name != module: return dict(package=dist, version=version, status='broken', detail=f"needs missing module {e.name!r}")
-        return dict(package=dist, version=version, status='missing', detail=f"pip install {dist}")
+        if e.name != module: return {**row, 'status': 'broken', 'detail': f"needs missing module {e.name!r}"}
+        also = f" (or its whole extra: pip install 'retail-cv[{extra}]')" if extra else ''
+        return {**row, 'status': 'missing', 'detail': f"pip install {dist}{also}"}
     except Exception as e:  # a package that is present but fails to import is broken, whatever it raises
-        return dict(package=dist, version=version, status='broken', detail=f"{type(e).__name__}: {e}"[:200])
-    return dict(package=dist, version=version, status='ok', detail='')
+        return {**row, 'status': 'broken', 'detail': f"{type(e).__name__}: {e}"[:200]}
+    return {**row, 'status': 'ok', 'detail': ''}
 
 # %% ../../nbs/91_cli_doctor.ipynb #39723b28
 def runtime_environment(ok: set[str],  # distributions that imported
@@ -77,10 +81,12 @@ def doctor_report(settings: Settings,  # settings to report (workspace, W&B mode
     env = runtime_environment({p['package'] for p in packages if p['status'] == 'ok'})
     env['wandb_mode'] = os.environ.get('WANDB_MODE') or settings.wandb_mode
     env['jupyter_kernel_retail_cv'] = kernel_registered()
-    problems = [f"{p['package']} is {p['status']}: {p['detail']}" for p in packages if p['status'] != 'ok']
-    warnings = [] if env['jupyter_kernel_retail_cv'] is True else [
-        "Jupyter kernel 'retail-cv' is not registered; papermill jobs need it (run `make setup`, or "
-        "`python -m ipykernel install --sys-prefix --name retail-cv`)"]
+    problem = lambda p: p['status'] == 'broken' or (p['status'] == 'missing' and p['extra'] is None)  # an extra's package may be absent
+    problems = [f"{p['package']} is {p['status']}: {p['detail']}" for p in packages if problem(p)]
+    warnings = [f"{p['package']} is missing: {p['detail']}" for p in packages if p['status'] != 'ok' and not problem(p)]
+    if 'papermill' in {p['package'] for p in packages if p['status'] == 'ok'} and env['jupyter_kernel_retail_cv'] is not True:
+        warnings.append("Jupyter kernel 'retail-cv' is not registered; papermill jobs need it (run `make setup`, or "
+                        "`python -m ipykernel install --sys-prefix --name retail-cv`)")
     try:
         ws = Workspace.open(settings.workspace)
         env.update(workspace=str(ws.root), workspace_free_gb=round(ws.free_bytes() / 2**30, 1))
@@ -92,14 +98,14 @@ def doctor_report(settings: Settings,  # settings to report (workspace, W&B mode
 @app.command()
 def doctor(ctx: typer.Context,
            as_json: bool = typer.Option(False, '--json', help="Print the report as JSON")):
-    "Print the environment a bug report needs; exit 1 if something required is missing or broken."
+    "Print the environment a bug report needs; exit 1 if a core package is missing or any package is broken."
     report = doctor_report(ctx.obj.settings())
     if as_json: print_json(report)
     else:
         colour = {'ok': 'green', 'missing': 'red', 'broken': 'red'}
         console.print(table('retail_cv doctor', 'package', 'version', 'status', 'detail', rows=(
-            (p['package'], p['version'] or '-', f"[{colour[p['status']]}]{p['status']}[/]", p['detail']) for p in report['packages'])))
+            (p['package'], p['version'] or '-', f"[{colour[p['status']]}]{p['status']}[/]", escape(p['detail'])) for p in report['packages'])))
         for k, v in report['environment'].items(): console.print(f"[bold]{k}[/]: {v}", highlight=False)
-        for warn in report['warnings']: err_console.print(f"[bold yellow]warning:[/] {warn}", highlight=False)
-        for prob in report['problems']: err_console.print(f"[bold red]problem:[/] {prob}", highlight=False)
+        for warn in report['warnings']: err_console.print(f"[bold yellow]warning:[/] {escape(warn)}", highlight=False)
+        for prob in report['problems']: err_console.print(f"[bold red]problem:[/] {escape(prob)}", highlight=False)
     if not report['ok']: raise typer.Exit(1)

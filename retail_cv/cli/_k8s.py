@@ -1,4 +1,4 @@
-"""`retail-cv k8s render`: the Kubernetes Job that runs a job notebook, checked before it is printed.
+"""`retail-cv k8s render|serve`: the Kubernetes Job that runs a job notebook, and the Deployment, Service and autoscaler of the inference service, checked before they are printed.
 
 Docs: https://retail-cv.github.io/retail_cv/cli_k8s.html.md"""
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -18,24 +18,58 @@ from ._app import Default, app, err_console, given, parse_pairs
 from ..core import ConfigError, atomic_write
 
 # %% auto #0
-__all__ = ['k8s_app', 'job_config', 'k8s_render']
+__all__ = ['k8s_app', 'pod_config', 'needed_objects', 'emit', 'k8s_render', 'k8s_serve']
 
 # %% ../../nbs/97b_cli_k8s.ipynb #059facdf
-def job_config(options: dict,  # the options given, by option name (`pvc` for `workspace_pvc`)
-               image: str | None,  # --image; None: $RETAIL_CV_IMAGE
+def pod_config(options: dict,  # the options given, by option name (`pvc` for `workspace_pvc`)
+               image: str | None,  # --image; None: $image_env, else the config's default
                env: list[str],  # --env NAME=VALUE
                secret_env: list[str],  # --secret-env NAME=SECRET/KEY
+               image_env: str = 'RETAIL_CV_IMAGE',  # the variable naming the image when --image is not given
               ) -> dict:
-    "`K8sJobConfig` values from the options given; a `ConfigError` when there is no image."
+    "`K8sJobConfig` or `K8sServeConfig` values from the options given."
     cfg = {('workspace_pvc' if k == 'pvc' else k): v for k, v in options.items()}
-    extra = {'image': image or os.environ.get('RETAIL_CV_IMAGE') or None, 'env': parse_pairs(env, '--env') or None,
+    extra = {'image': image or os.environ.get(image_env) or None, 'env': parse_pairs(env, '--env') or None,
              'secret_env': parse_pairs(secret_env, '--secret-env') or None}
     cfg.update({k: v for k, v in extra.items() if v is not None})
-    if 'image' not in cfg: raise ConfigError("no container image: pass --image or set $RETAIL_CV_IMAGE")
     return cfg
 
+# %% ../../nbs/97b_cli_k8s.ipynb #c55f129c
+_CONFIGMAPS = {'bundle-keys': 'the bundle signing public keys, *.pub', 'token-keys': "the token issuer's public keys, *.pub",
+               'revocations': 'the revoked token ids'}
+
+def needed_objects(docs: list[dict[str, Any]],  # rendered manifests
+                  ) -> list[str]:
+    "The `kubectl create` lines for the Secrets and ConfigMaps the manifests' pods read."
+    secrets: dict[str, set[str]] = {}
+    lines = []
+    for d in docs:
+        pod = d.get('spec', {}).get('template', {}).get('spec', {})
+        for e in (e for c in pod.get('containers', []) for e in c.get('env', [])):
+            if ref := e.get('valueFrom', {}).get('secretKeyRef'): secrets.setdefault(ref['name'], set()).add(ref['key'])
+        lines += [f"kubectl create configmap {v['configMap']['name']} --from-file=...  # {_CONFIGMAPS.get(v['name'], v['name'])}"
+                  for v in pod.get('volumes', []) if 'configMap' in v]
+    return [f"kubectl create secret generic {s} " + ' '.join(f'--from-literal={k}=...' for k in sorted(keys)) for s, keys in secrets.items()] + lines
+
+# %% ../../nbs/97b_cli_k8s.ipynb #8df03004
+def emit(docs: list[dict[str, Any]],  # rendered manifests
+         k8s_version: str,  # Kubernetes version of the schema
+         validate: bool,  # check them against it
+         out: Path | None,  # write the YAML here; None: print it
+        ) -> None:
+    "Check the manifests, print or write their YAML, and say on stderr what the cluster must hold for them."
+    from retail_cv.k8s import to_yaml, validate_manifest
+    if validate:
+        for d in docs: validate_manifest(d, k8s_version)
+    text = to_yaml(docs)
+    if out is None: sys.stdout.write(text)
+    else:
+        atomic_write(out, text.encode())
+        err_console.print(f"wrote {len(docs)} manifest{'s' if len(docs) > 1 else ''} to {out}", highlight=False)
+    for line in needed_objects(docs): err_console.print(f"needs: {line}", highlight=False, soft_wrap=True)
+
 # %% ../../nbs/97b_cli_k8s.ipynb #2e2639a8
-k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes manifests that run job notebooks.")
+k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes manifests: job notebooks as Jobs, the inference service as a Deployment.")
 app.add_typer(k8s_app, name='k8s')
 
 # %% ../../nbs/97b_cli_k8s.ipynb #e20c56b4
@@ -44,7 +78,7 @@ def k8s_render(ctx: typer.Context,
                job: str = typer.Argument(..., help="Job name (see `retail-cv jobs list`) or path to a job notebook"),
                param: list[str] = typer.Option([], '--param', '-p', help="Job parameter key=value (repeatable), checked against the notebook"),
                params_file: Optional[Path] = typer.Option(None, '--params-file', '-f', help="YAML file of parameters (-p wins)"),
-               image: Optional[str] = typer.Option(None, help="Container image with retail_cv (default: $RETAIL_CV_IMAGE)"),
+               image: Optional[str] = typer.Option(None, help="Container image (default: $RETAIL_CV_IMAGE, then the project's jobs image of this version)"),
                cpu: str = typer.Option(Default('retail_cv.k8s:K8sJobConfig.cpu'), help="CPU request and limit"),
                memory: str = typer.Option(Default('retail_cv.k8s:K8sJobConfig.memory'), help="Memory request and limit"),
                gpus: int = typer.Option(Default('retail_cv.k8s:K8sJobConfig.gpus'), help="Whole GPUs (per node with --nodes)"),
@@ -66,20 +100,51 @@ def k8s_render(ctx: typer.Context,
                out: Optional[Path] = typer.Option(None, '--out', '-o', help="Write the YAML to this file instead of printing it")):
     "Print the Kubernetes Job (YAML) that runs a job notebook with `retail-cv run` on the workspace volume."
     from retail_cv.jobs import parse_params
-    from retail_cv.k8s import render_ddp_job, render_job, to_yaml, validate_manifest
-    cfg = job_config(given(ctx, cpu=cpu, memory=memory, gpus=gpus, gpu_resource=gpu_resource, gpu_fraction=gpu_fraction, pvc=pvc,
+    from retail_cv.k8s import render_ddp_job, render_job
+    cfg = pod_config(given(ctx, cpu=cpu, memory=memory, gpus=gpus, gpu_resource=gpu_resource, gpu_fraction=gpu_fraction, pvc=pvc,
                            namespace=namespace, workers=workers, scheduler=scheduler, queue=queue, wandb_mode=wandb_mode),
                      image, env, secret_env)
     cfg.update({k: v for k, v in {'secret': secret, 'secret_params': secret_param}.items() if v})
     params = parse_params(param, params_file)
-    docs = render_ddp_job(job, params, cfg, nodes=nodes) if nodes > 1 else [render_job(job, params, cfg)]
-    if validate:
-        for d in docs: validate_manifest(d, k8s_version)
-    text = to_yaml(docs)
-    if keys := sorted({e['valueFrom']['secretKeyRef']['key'] for e in docs[-1]['spec']['template']['spec']['containers'][0]['env']
-                       if e['name'].startswith('RETAIL_CV_PARAM_')}):
-        err_console.print(f"the pod reads {', '.join(keys)} from the Secret {secret}: kubectl create secret generic {secret} "
-                          + ' '.join(f'--from-literal={k}=...' for k in keys), highlight=False, soft_wrap=True)
-    if out is None: sys.stdout.write(text); return
-    atomic_write(out, text.encode())
-    err_console.print(f"wrote {len(docs)} manifest{'s' if len(docs) > 1 else ''} to {out}", highlight=False)
+    emit(render_ddp_job(job, params, cfg, nodes=nodes) if nodes > 1 else [render_job(job, params, cfg)], k8s_version, validate, out)
+
+# %% ../../nbs/97b_cli_k8s.ipynb #d8b90c3f
+@k8s_app.command('serve')
+def k8s_serve(ctx: typer.Context,
+              target: str = typer.Argument(..., help="MODEL@ALIAS (followed as it moves), MODEL:VERSION, or a bundle path relative to the workspace volume"),
+              image: Optional[str] = typer.Option(None, help="Container image (default: $RETAIL_CV_SERVE_IMAGE, then the project's serve image of this version)"),
+              name: str = typer.Option(Default('retail_cv.k8s:K8sServeConfig.name'), help="Name of the Deployment, Service and autoscaler"),
+              namespace: str = typer.Option(Default('retail_cv.k8s:K8sServeConfig.namespace'), help="Namespace"),
+              cpu: str = typer.Option(Default('retail_cv.k8s:K8sServeConfig.cpu'), help="CPU request and limit of each pod"),
+              memory: str = typer.Option(Default('retail_cv.k8s:K8sServeConfig.memory'), help="Memory request and limit of each pod"),
+              replicas: Optional[int] = typer.Option(None, help="A fixed number of pods, no autoscaler (sets --min-replicas and --max-replicas)"),
+              min_replicas: int = typer.Option(Default('retail_cv.k8s:K8sServeConfig.min_replicas'), help="Fewest pods the autoscaler keeps"),
+              max_replicas: int = typer.Option(Default('retail_cv.k8s:K8sServeConfig.max_replicas'), help="Most pods the autoscaler adds up to"),
+              cpu_utilization: int = typer.Option(Default('retail_cv.k8s:K8sServeConfig.cpu_utilization'), help="Average CPU use the autoscaler aims at, % of the request"),
+              port: int = typer.Option(Default('retail_cv.k8s:K8sServeConfig.port'), help="Port the service listens on in the pod"),
+              service_port: int = typer.Option(Default('retail_cv.k8s:K8sServeConfig.service_port'), help="Port of the Service"),
+              service_type: str = typer.Option(Default('retail_cv.k8s:K8sServeConfig.service_type'), help="ClusterIP, NodePort or LoadBalancer"),
+              pvc: str = typer.Option(Default('retail_cv.k8s:K8sServeConfig.workspace_pvc'), '--pvc', help="PersistentVolumeClaim of the workspace (bundles, registry)"),
+              trusted_keys: str = typer.Option(Default('retail_cv.k8s:K8sServeConfig.trusted_keys'), help="ConfigMap of the bundle signing public keys (*.pub)"),
+              token_keys: str = typer.Option(Default('retail_cv.k8s:K8sServeConfig.token_keys'), help="ConfigMap of the token issuer's public keys (*.pub)"),
+              revocations: Optional[str] = typer.Option(None, help="ConfigMap key of the revoked token ids, CONFIGMAP/KEY"),
+              profile: Optional[str] = typer.Option(None, help="Device profile of the bundle (default: the bundle's)"),
+              log_pvc: Optional[str] = typer.Option(None, help="PersistentVolumeClaim of the prediction log, a folder per pod (default: no log)"),
+              log_sample: Optional[float] = typer.Option(None, help="Share of predictions logged"),
+              batch_wait_ms: Optional[float] = typer.Option(None, help="Micro-batching: wait this long for more images"),
+              batch_images: Optional[int] = typer.Option(None, help="Micro-batching: most images in one inference call"),
+              env: list[str] = typer.Option([], '--env', help="Environment variable NAME=VALUE (repeatable; no secrets)"),
+              secret_env: list[str] = typer.Option([], '--secret-env', help="Variable read from a Secret, NAME=SECRET/KEY (repeatable), e.g. RETAIL_CV_TOKEN=registry-token/token"),
+              k8s_version: str = typer.Option(Default('retail_cv.k8s:K8S_VERSION'), help="Kubernetes version of the schema to check against"),
+              validate: bool = typer.Option(True, '--validate/--no-validate', help="Check the manifests against the Kubernetes API schema"),
+              out: Optional[Path] = typer.Option(None, '--out', '-o', help="Write the YAML to this file instead of printing it")):
+    "Print the Deployment, Service and HorizontalPodAutoscaler (YAML) that run `retail-cv serve` on a model."
+    from retail_cv.k8s import render_serve
+    options = given(ctx, name=name, namespace=namespace, cpu=cpu, memory=memory, min_replicas=min_replicas, max_replicas=max_replicas,
+                    cpu_utilization=cpu_utilization, port=port, service_port=service_port, service_type=service_type, pvc=pvc,
+                    trusted_keys=trusted_keys, token_keys=token_keys, revocations=revocations, profile=profile, log_pvc=log_pvc,
+                    log_sample=log_sample, batch_wait_ms=batch_wait_ms, batch_images=batch_images)
+    if replicas is not None:
+        if {'min_replicas', 'max_replicas'} & set(options): raise ConfigError("--replicas fixes the count: give it or --min-replicas/--max-replicas, not both")
+        options.update(min_replicas=replicas, max_replicas=replicas)
+    emit(render_serve(target, pod_config(options, image, env, secret_env, 'RETAIL_CV_SERVE_IMAGE')), k8s_version, validate, out)

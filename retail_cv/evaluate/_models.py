@@ -153,7 +153,7 @@ def _is_bundle(path: Path) -> bool:
 def _from_session(session: ort.InferenceSession, source: str, labels: Sequence[str] | None) -> EvalModel:
     meta = onnx_metadata(session)
     outs = [o.name for o in session.get_outputs()]
-    task = meta.get('task') or ('classification' if outs == ['logits'] else 'detection')
+    task = meta.get('task') or ('classification' if 'logits' in outs else 'detection')
     if 'preprocessing' not in meta:
         raise ConfigError(f"ONNX model {source} has no 'preprocessing' in its metadata_props; export it with retail_cv.export, "
                           "or add it with set_onnx_metadata(path, preprocessing=spec.preprocessing, labels=[...])")

@@ -100,11 +100,16 @@ def _annotation_types(node: ast.expr | None, where: str) -> tuple[str, ...]:
 # %% ../../nbs/38a_jobs_params.ipynb #549168f0
 def _parameters_cell(nb: dict, path: Path) -> str:
     "Source of the one cell tagged `parameters`."
-    cells = [c for c in nb.get('cells', []) if 'parameters' in (c.get('metadata', {}).get('tags') or [])]
-    if len(cells) != 1:
-        raise ConfigError(f"job {path} must have exactly one cell tagged 'parameters', it has {len(cells)}")
-    src = cells[0].get('source', '')
-    return ''.join(src) if isinstance(src, list) else src
+    cells = nb.get('cells', [])
+    if not isinstance(cells, list) or not all(isinstance(c, dict) and isinstance(c.get('metadata', {}), dict) for c in cells):
+        raise ConfigError(f"job notebook {path} is not a notebook: 'cells' must be a list of cells, each with a metadata mapping")
+    tagged = [c for c in cells if isinstance(tags := c.get('metadata', {}).get('tags'), list) and 'parameters' in tags]
+    if len(tagged) != 1:
+        raise ConfigError(f"job {path} must have exactly one cell tagged 'parameters', it has {len(tagged)}")
+    src = tagged[0].get('source', '')
+    if isinstance(src, list) and all(isinstance(s, str) for s in src): return ''.join(src)
+    if not isinstance(src, str): raise ConfigError(f"job {path}: the source of its parameters cell must be text or a list of lines")
+    return src
 
 # %% ../../nbs/38a_jobs_params.ipynb #753b8823
 def _read_notebook(path: Path) -> tuple[bytes, dict]:
@@ -134,7 +139,7 @@ def parse_parameters(source: str,  # source of a parameters cell
             name, value, ann = node.target.id, node.value, node.annotation
         else: continue  # imports and other statements are not parameters
         try: default = ast.literal_eval(value) if value is not None else None
-        except ValueError: default, literal = None, False
+        except (ValueError, TypeError): default, literal = None, False  # not a literal (`f()`), or not a hashable key (`{[]: 1}`)
         else: literal = True
         types = _annotation_types(ann, f"{where}: {name}")
         if not types and literal: types = (type(default).__name__ if default is not None else 'None',)

@@ -180,14 +180,31 @@ def _papermill_noise(record: logging.LogRecord) -> bool:
     msg = str(record.msg)
     return not (msg.startswith('Unable to parse line') or msg.startswith('Passed unknown parameter'))
 
+# %% ../../nbs/38c_jobs_runs.ipynb #1e348e9f
+class _MaskedLog(logging.Filter):
+    "A logger filter that masks a run's secrets in the message of every record it passes."
+    def __init__(self, mask: SecretMask | None = None,  # the run's secrets; None masks nothing
+                ):
+        super().__init__()
+        self.mask = mask or SecretMask(())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.mask.pattern is not None: record.msg, record.args = self.mask(record.getMessage()), None
+        return True
+
 # %% ../../nbs/38c_jobs_runs.ipynb #c5920ef5
 @contextlib.contextmanager
-def _quiet_papermill():
+def _quiet_papermill(mask: SecretMask | None = None,  # the run's secrets, masked in whatever papermill logs
+                    ):
+    "While the block runs: papermill's loggers without its parameter warnings, and with `mask`'s secrets masked."
     loggers = [logging.getLogger('papermill'), logging.getLogger('papermill.translators')]
-    for lg in loggers: lg.addFilter(_papermill_noise)
+    filters = [_papermill_noise, _MaskedLog(mask)]  # in this order: a dropped record costs no masking
+    for lg in loggers:
+        for f in filters: lg.addFilter(f)
     try: yield
     finally:
-        for lg in loggers: lg.removeFilter(_papermill_noise)
+        for lg in loggers:
+            for f in filters: lg.removeFilter(f)
 
 # %% ../../nbs/38c_jobs_runs.ipynb #a513ce31
 @functools.cache
@@ -224,7 +241,7 @@ def _execute(path: Path,  # the job notebook
              mask: SecretMask | None = None,  # secrets no save of the executed notebook may hold
              **kwargs: Any,  # to papermill.execute_notebook
             ) -> None:
-    "Run papermill (masking `mask`'s secrets in every save) in a worker thread, so that the main thread can answer Ctrl-C/SIGTERM by stopping the kernel."
+    "Run papermill (masking `mask`'s secrets in every save and log record) in a worker thread, so that the main thread can answer Ctrl-C/SIGTERM by stopping the kernel."
     import papermill as pm
     started: list = []
     failure: list[BaseException] = []
@@ -236,7 +253,7 @@ def _execute(path: Path,  # the job notebook
         except BaseException as e: failure.append(e)
     worker = threading.Thread(target=work, name=f"job {rec.run_id}", daemon=True)
     try:
-        with _quiet_papermill():
+        with _quiet_papermill(mask):  # `log_output` streams cell output through papermill's logger: masked too
             worker.start()
             while worker.is_alive(): worker.join(0.5)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""A sampled JSON-lines record per prediction for monitoring: ids to join labels on, the model version, the store and device, outputs and image statistics, never the image bytes; in rotating files.
+"""A sampled JSON-lines record per prediction for monitoring: ids to join labels on, the model version, the store and device, outputs, image statistics and the pooled embedding; image bytes only when the operator opts in, faces blurred; in rotating files.
 
 Docs: https://retail-cv.github.io/retail_cv/serve_log.html.md"""
 
@@ -7,6 +7,8 @@ Docs: https://retail-cv.github.io/retail_cv/serve_log.html.md"""
 # %% ../../nbs/53_serve_log.ipynb #d56fcd7d
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -15,9 +17,14 @@ import threading
 import time
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from ..core import utc_now
+import numpy as np
+from PIL import Image
+
+from ..core import atomic_open, atomic_write, utc_now
+
+_log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['LOG_SCHEMA', 'prediction_record', 'PredictionLog', 'prune_log', 'delete_store']
@@ -31,57 +38,101 @@ def prediction_record(prediction_id: str,  # the id answered to the caller
                       outputs: dict,  # the JSON-ready result
                       image: dict,  # `image_stats` of the decoded image
                       store_id: str | None = None, device_id: str | None = None,  # from the request headers
+                      embedding: Any = None,  # the model's pooled features for this image, when it emits them
                      ) -> dict[str, Any]:
     "One prediction log record."
-    return {'schema': LOG_SCHEMA, 'prediction_id': prediction_id, 'time': utc_now(), 'image_sha256': image_sha256,
-            'model': {'name': model[0], 'version': model[1]}, 'store_id': store_id, 'device_id': device_id,
-            'outputs': outputs, 'image': image}
+    rec = {'schema': LOG_SCHEMA, 'prediction_id': prediction_id, 'time': utc_now(), 'image_sha256': image_sha256,
+           'model': {'name': model[0], 'version': model[1]}, 'store_id': store_id, 'device_id': device_id,
+           'outputs': outputs, 'image': image}
+    if embedding is not None: rec['embedding'] = [round(float(v), 4) for v in embedding]
+    return rec
+
+# %% ../../nbs/53_serve_log.ipynb #4d642b4a
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    "Hold an exclusive lock on `folder/.lock` (between processes and threads)."
+    with open(folder/'.lock', 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+# %% ../../nbs/53_serve_log.ipynb #50da7408
+def _save_blurred(image: Image.Image, path: Path, faces: Any) -> int:
+    "Write `image` as a JPEG with every face `faces` (a `FaceDetector`) finds blurred; how many faces."
+    from retail_cv.data.privacy import blur_boxes  # only operators who keep images need OpenCV
+    rgb = np.asarray(image.convert('RGB'))
+    boxes = faces.detect(rgb)
+    with atomic_open(path) as f: Image.fromarray(blur_boxes(rgb, boxes) if boxes else rgb).save(f, 'JPEG', quality=85)
+    return len(boxes)
 
 # %% ../../nbs/53_serve_log.ipynb #b2ed9b4e
 class PredictionLog:
-    "Sampled prediction records appended as JSON lines to rotating files."
+    "Sampled prediction records appended as JSON lines to rotating files; images kept only on request, faces blurred."
     def __init__(self, folder: str | os.PathLike,  # where predictions.jsonl and its rotated copies go
                  sample: float = 1.0,  # share of requests logged, 0 to 1
                  max_bytes: int = 64 << 20,  # rotate after this size
                  backups: int = 20,  # rotated files kept
                  seed: int | None = None,  # for the sampling
+                 keep_images: bool = False,  # also store each logged image (faces blurred) under images/
                 ):
         self.folder = Path(folder); self.folder.mkdir(parents=True, exist_ok=True)
         self.path, self.sample, self._rng, self._lock = self.folder/'predictions.jsonl', sample, random.Random(seed), threading.Lock()
         self._handler = RotatingFileHandler(self.path, maxBytes=max_bytes, backupCount=backups, encoding='utf-8')
+        if keep_images:
+            from retail_cv.data.privacy import FaceDetector
+            (self.folder/'images').mkdir(exist_ok=True)
+        self._faces = FaceDetector() if keep_images else None
 
     def sampled(self) -> bool:
         "Whether this request is logged."
         with self._lock: return self.sample >= 1 or self._rng.random() < self.sample
 
-    def write(self, record: dict):
-        "Append one record (thread-safe; rotates when the file is full)."
-        self._handler.emit(logging.makeLogRecord({'msg': json.dumps(record, ensure_ascii=False, default=str)}))
+    def write(self, record: dict,  # from `prediction_record`
+              image: Image.Image | None = None,  # the decoded image, stored only when `keep_images`
+             ):
+        "Append one record (thread- and process-safe; rotates when the file is full)."
+        if self._faces is not None and image is not None:
+            name = f"images/{record['prediction_id']}.jpg"
+            record = {**record, 'image_file': name, 'faces_blurred': _save_blurred(image, self.folder/name, self._faces)}
+        msg = logging.makeLogRecord({'msg': json.dumps(record, ensure_ascii=False, default=str)})
+        with self._lock, _folder_lock(self.folder):
+            stream = self._handler.stream
+            try: replaced = stream is not None and os.fstat(stream.fileno()).st_ino != os.stat(self.path).st_ino
+            except FileNotFoundError: replaced = True
+            if replaced: stream.close(); self._handler.stream = None  # deletion rewrote the file: append to the new one
+            self._handler.emit(msg)
 
     def close(self): self._handler.close()
 
 # %% ../../nbs/53_serve_log.ipynb #0678486c
 def prune_log(folder: str | os.PathLike,  # the prediction log folder
-              retention_days: float,  # rotated files older than this go
+              retention_days: float,  # rotated files and images older than this go
               now: float | None = None,  # Unix time (default: now)
              ) -> list[Path]:
-    "Remove rotated prediction files last written more than `retention_days` ago; the removed paths."
+    "Remove rotated prediction files and kept images last written more than `retention_days` ago; the removed paths."
+    folder = Path(folder)
     cutoff = (time.time() if now is None else now) - retention_days * 86400
-    old = [p for p in sorted(Path(folder).glob('predictions.jsonl.*')) if p.stat().st_mtime < cutoff]
-    for p in old: p.unlink()
+    with _folder_lock(folder):
+        old = [p for p in [*sorted(folder.glob('predictions.jsonl.*')), *sorted(folder.glob('images/*.jpg'))] if p.stat().st_mtime < cutoff]
+        for p in old: p.unlink()
     return old
 
 # %% ../../nbs/53_serve_log.ipynb #fdcaa28d
 def delete_store(folder: str | os.PathLike,  # the prediction log folder
                  store_id: str,  # the store whose records go
                 ) -> int:
-    "Remove every record of `store_id` from every prediction file, in place; how many were removed."
-    removed = 0
-    for p in sorted(Path(folder).glob('predictions.jsonl*')):
-        with open(p, 'r+', encoding='utf-8') as f:
-            lines = f.readlines()
-            keep = [l for l in lines if not l.strip() or json.loads(l).get('store_id') != store_id]
-            if len(keep) == len(lines): continue
-            f.seek(0); f.writelines(keep); f.truncate()
-        removed += len(lines) - len(keep)
+    "Remove every record (and kept image) of `store_id` from every prediction file; how many records were removed."
+    folder, removed = Path(folder), 0
+    with _folder_lock(folder):
+        for p in sorted(folder.glob('predictions.jsonl*')):
+            keep, gone = [], []
+            for line in p.read_text(encoding='utf-8').splitlines(keepends=True):
+                try: rec = json.loads(line) if line.strip() else {}
+                except json.JSONDecodeError: _log.warning("%s: kept an unreadable line", p); rec = {}
+                (gone if isinstance(rec, dict) and rec.get('store_id') == store_id else keep).append((line, rec))
+            if not gone: continue
+            atomic_write(p, ''.join(line for line, _ in keep))
+            for _, rec in gone:
+                if isinstance(f := rec.get('image_file'), str): (folder/'images'/Path(f).name).unlink(missing_ok=True)
+            removed += len(gone)
     return removed

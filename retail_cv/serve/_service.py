@@ -35,7 +35,7 @@ class Service:
         self.config, self.metrics = config, ServeMetrics()
         self.slot = ModelSlot(config.bundle, config.trusted_keys, config.profile, config.workspace, on_swap=self._swapped)
         self.verifier = TokenVerifier(config.token_keys, config.revocations) if config.token_keys is not None else None
-        self.log = PredictionLog(config.log_dir, config.log_sample) if config.log_dir else None
+        self.log = PredictionLog(config.log_dir, config.log_sample, keep_images=config.log_images) if config.log_dir else None
         self.watcher: Watcher | None = None
         self.batcher = MicroBatcher(config.batch_images, config.batch_wait_ms / 1000, self._observe) if config.batch_wait_ms > 0 else None
 
@@ -87,8 +87,9 @@ def predict_images(svc: Service,  # the service
     for data, img, r in zip(images, decoded, results):
         outs.append(PredictionOut.of(uuid.uuid4().hex, ref, r.to_dict()))
         if svc.log and svc.log.sampled():
+            ids = (headers.get(h, '')[:128] or None for h in ('x-store-id', 'x-device-id'))
             svc.log.write(prediction_record(outs[-1].prediction_id, sha256_bytes(data), (m.name, m.version), r.to_dict(),
-                                            image_stats(img), *(headers.get(h, '')[:128] or None for h in ('x-store-id', 'x-device-id'))))
+                                            image_stats(img), *ids, embedding=r.embedding), img)
     return outs
 
 # %% ../../nbs/54a_serve_service.ipynb #a1022356

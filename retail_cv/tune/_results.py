@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..core import ConfigError, Workspace, atomic_write
-from ._storage import _journal_path, open_storage, redact_storage, study_folder
+from ._storage import _STORAGE_ERRORS, StorageError, _journal_path, open_storage, redact_storage, study_folder
 
 _log = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ def study_results(study_name: str,  # the study
     journal = _journal_path(storage, study_name, ws)
     if journal is not None and not journal.is_file(): raise ConfigError(f"no study named {study_name!r}: {journal} does not exist")
     st = open_storage(storage, study_name, ws, heartbeat_s=None)
+    where = redact_storage(storage) or 'the workspace journal'
     try: study = optuna.load_study(study_name=study_name, storage=st)
-    except KeyError: raise ConfigError(f"no study named {study_name!r} in {redact_storage(storage) or 'the workspace journal'}") from None
+    except KeyError: raise ConfigError(f"no study named {study_name!r} in {where}") from None
+    except _STORAGE_ERRORS as e: raise StorageError(f"study {study_name!r} in {where}: {type(e).__name__}: {e}") from None
     return report(study, ws, storage)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from alembic.util.exc import CommandError
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from sqlalchemy.exc import SQLAlchemyError
@@ -94,6 +95,20 @@ def _journal_path(storage: str | os.PathLike | None, study_name: str, workspace:
 # %% ../../nbs/40b_tune_storage.ipynb #72096b01
 _STORAGE_ERRORS = (SQLAlchemyError, optuna.exceptions.OptunaError, RuntimeError)
 
+# %% ../../nbs/40b_tune_storage.ipynb #c163b530
+_JOURNAL_ERRORS = (ValueError, KeyError, TypeError, IndexError, AssertionError)
+
+# %% ../../nbs/40b_tune_storage.ipynb #df48c127
+def _open_journal(path: Path,  # the journal file (created when missing)
+                 ) -> JournalStorage:
+    "The journal storage at `path`, replayed; `StorageError` naming the file when it cannot be read or is not Optuna's."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try: return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    except OSError as e: raise StorageError(f"journal {path} cannot be read: {e.strerror or e}") from None
+    except _JOURNAL_ERRORS as e:
+        raise StorageError(f"journal {path} is damaged or not an Optuna journal ({type(e).__name__}: {e}); "
+                           "move it aside to start the study afresh") from None
+
 # %% ../../nbs/40b_tune_storage.ipynb #e873e482
 def open_storage(storage: str | os.PathLike | None,  # see the table above; None: the workspace journal
                  study_name: str,  # the study (names the default journal's folder)
@@ -102,9 +117,7 @@ def open_storage(storage: str | os.PathLike | None,  # see the table above; None
                  retries: int = 5,  # RDB only: connection attempts before giving up
                 ) -> BaseStorage:
     "Open the Optuna storage `storage` names."
-    if (path := _journal_path(storage, study_name, workspace)) is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    if (path := _journal_path(storage, study_name, workspace)) is not None: return _open_journal(path)
     url, shown = _with_driver(_rdb_url(str(storage))), redact_storage(storage)
     kw: dict[str, Any] = dict(engine_kwargs={'pool_pre_ping': True} if not url.startswith('sqlite') else {})
     for attempt in range(1, retries + 1):
@@ -117,6 +130,8 @@ def open_storage(storage: str | os.PathLike | None,  # see the table above; None
                 return RDBStorage(url, **kw)
         except ImportError as e:
             raise StorageError(f"storage {shown}: its database driver is not installed ({e.__cause__ or e})") from None
+        except CommandError as e:  # Optuna's schema check met tables it did not write
+            raise StorageError(f"storage {shown}: its tables are not Optuna's ({type(e).__name__}: {e})") from None
         except _STORAGE_ERRORS as e:  # the table-creation race among them
             if attempt == retries:
                 raise StorageError(f"storage {shown} cannot be opened after {retries} attempts: "

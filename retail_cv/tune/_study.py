@@ -79,6 +79,9 @@ def open_study(config: TuneConfig | Mapping[str, Any],  # how the study runs
                                     sampler=_sampler(cfg, worker), pruner=_pruner(cfg), load_if_exists=True)
     except (*_STORAGE_ERRORS, OSError, ValueError) as e:  # and the journal file's: unreadable, or a line cut short
         raise StorageError(f"study {cfg.study_name!r} in {redact_storage(cfg.storage) or 'the workspace journal'}: {type(e).__name__}: {e}") from None
+    except KeyError as e:  # the insert failed, so Optuna looked for the study and found none: the tables are not Optuna's
+        raise StorageError(f"study {cfg.study_name!r} in {redact_storage(cfg.storage) or 'the workspace journal'}: it can be neither "
+                           f"created nor found there, so its tables are not Optuna's (KeyError: {e})") from None
     if (have := study.direction.name.lower()) != cfg.direction:
         raise ConfigError(f"study {cfg.study_name!r} exists and is set to {have} its metric; this run asks to {cfg.direction} it. Use another study name.")
     for key, val in {'metric': cfg.metric, **(attrs or {})}.items():
