@@ -111,15 +111,16 @@ def main() -> None:
     if a.one:
         print(json.dumps(run_one(a.one, a.n))); return
     load_before, t0, results = os.getloadavg(), time.perf_counter(), {}
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     for name in a.targets:
         p = subprocess.run([sys.executable, __file__, '--one', name, '--n', str(a.n)], capture_output=True, text=True, cwd=ROOT)
         if p.returncode == 0: results[name] = json.loads(p.stdout.strip().splitlines()[-1])
         else: results[name] = {'failed': True, 'error': p.stderr[-3000:]}
         print(name, json.dumps({k: v for k, v in results[name].items() if k not in ('error', 'parsers')}), file=sys.stderr, flush=True)
-        write(a, results, load_before, t0)  # after every target, so a long run that is stopped keeps what it measured
+        write(a, results, started, load_before, t0)  # after every target, so a long run that is stopped keeps what it measured
 
 
-def write(a: argparse.Namespace, results: dict, load_before: tuple, t0: float) -> None:
+def write(a: argparse.Namespace, results: dict, started: str, load_before: tuple, t0: float) -> None:
     "Update the report at `a.out` with this run's results (atomically)."
     import hypothesis
     out = Path(a.out)
@@ -128,9 +129,8 @@ def write(a: argparse.Namespace, results: dict, load_before: tuple, t0: float) -
            'seconds': round(time.perf_counter() - t0, 1), 'loadavg_before': [round(x, 2) for x in load_before],
            'loadavg_after': [round(x, 2) for x in os.getloadavg()], 'cpus': os.cpu_count(),
            'python': platform.python_version(), 'hypothesis': hypothesis.__version__}
-    runs = old.get('runs', [])
-    if runs and runs[-1].get('started') == t0_stamp(t0): runs = runs[:-1]  # this run's earlier partial record
-    runs = [*runs, {'started': t0_stamp(t0), **run}]
+    runs = [r for r in old.get('runs', []) if r.get('started') != started]  # this run's earlier, partial record goes
+    runs.append({'started': started, **run})
     targets = {**old.get('targets', {}), **results}
     report = {'cases_per_target': min((r.get('cases', 0) for r in targets.values()), default=0), 'coverage_target': TARGET,
               'targets': targets, 'done': list(targets),
@@ -140,13 +140,6 @@ def write(a: argparse.Namespace, results: dict, load_before: tuple, t0: float) -
               'seconds': round(sum(r.get('seconds', 0) for r in targets.values()), 1), 'runs': runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix('.json.tmp'); tmp.write_text(json.dumps(report, indent=1) + '\n'); os.replace(tmp, out)
-
-
-_STARTED: dict[float, str] = {}
-
-def t0_stamp(t0: float) -> str:
-    "The wall-clock start of the run that began at perf_counter `t0` (one stamp per run)."
-    return _STARTED.setdefault(t0, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'))
 
 
 if __name__ == '__main__':

@@ -18,7 +18,9 @@ echo "== 2/3 nbdev-test (flags slow, cuda, notest skipped)"
 nbdev-test --n-workers 2 || fail=1
 
 echo "== 3/3 pytest tests/ (slow-marked variants run in the scheduled workflow, .github/workflows/slow.yml)"
-pytest tests/ -q -p no:cacheprovider -m "not slow" --durations=15 || fail=1
+# One worker per core, whole files per worker (module fixtures stay in one process); one OpenMP thread per worker,
+# since two multi-threaded trainings on the same cores slow each other far more than they gain.
+OMP_NUM_THREADS=1 pytest tests/ -q -p no:cacheprovider -m "not slow" -n "${PYTEST_WORKERS:-auto}" --dist loadfile --durations=15 || fail=1
 
 [ $fail -eq 0 ] && echo "== all checks passed" || echo "== FAILED (see above)"
 exit $fail

@@ -109,7 +109,7 @@ def test_failed_build_leaves_nothing_behind(env, tmp_path):
     other = tiny_classifier(5, image_size=32)  # contract for 5 classes, model with 3
     with pytest.raises(ConfigError, match=r"output 'logits' has shape \['batch', 3\] in the model, \['batch', 5\] in the contract"):
         build_bundle(tmp_path/'b', env['onnx'], **{**env['kw'], 'contract': other.contract(), 'labels': list('abcde')})
-    with pytest.raises(ConfigError, match="one output 'logits' of shape \\(batch, 4\\) for 4 labels"):
+    with pytest.raises(ConfigError, match="the output 'logits' of shape \\(batch, 4\\) for 4 labels"):
         build_bundle(tmp_path/'b', env['onnx'], **{**env['kw'], 'labels': LABELS + ['tea']})
     assert sorted(p.name for p in tmp_path.iterdir()) == ['bad.jpg']
 

@@ -398,16 +398,31 @@ def fuzz_params(data: tuple) -> None:
 STEP_NAMES = ['a', 'b', 'c']
 REFERENCE = st.sampled_from(['${a.outputs.x}', '${ b.outputs.version }', '${z.outputs.x}', '${a}', 'v ${c.outputs.n} w', '${',
                              '$${a.outputs.x}', '${a.outputs.}', '${a.outputs.x} and ${b.outputs.y}'])
-STEP_VALUE = st.recursive(st.sampled_from([1, 'x', True, 0.5, {}, [], None, 'grocery@latest', -1]) | REFERENCE,
+STEP_VALUE = st.recursive(st.sampled_from([1, 'x', True, 0.5, {}, [], None, 'grocery@latest', -1]) | REFERENCE | REFERENCE,
                           lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.sampled_from(['k', 'm']), inner, max_size=2), max_leaves=4)
-STEP = st.fixed_dictionaries(
-    {'job': _mostly(st.sampled_from(['train', 'evaluate', 'job.ipynb', 'job.ipynb', 'missing.ipynb', 'nope']), TOKEN | SCALARS)},
+JOB_PARAMS = {'train': ['data', 'epochs', 'config', 'seed'], 'evaluate': ['model', 'split', 'limit'], 'job.ipynb': ['n', 's', 'opts']}
+JUNK_STEP = st.fixed_dictionaries(
+    {'job': _mostly(st.sampled_from(['train', 'evaluate', 'job.ipynb', 'missing.ipynb', 'nope']), TOKEN | SCALARS)},
     optional={'needs': _mostly(st.lists(st.sampled_from([*STEP_NAMES, 'z']), max_size=2), JSON),
-              'params': _mostly(st.dictionaries(st.sampled_from(['data', 'epochs', 'config', 'n', 's', 'opts', 'nope']), STEP_VALUE, max_size=3), JSON),
+              'params': _mostly(st.dictionaries(st.sampled_from(['data', 'epochs', 'n', 'nope']), STEP_VALUE, max_size=3), JSON),
               'retries': SCALARS})
+
+
+def _step(others: list[str]) -> st.SearchStrategy:
+    "A well-formed step of a job with its own parameters, needing (mostly) other steps: the checks behind parsing run."
+    needs = _mostly(st.lists(st.sampled_from(others), max_size=2, unique=True), st.lists(st.sampled_from([*STEP_NAMES, 'z']), max_size=2)) if others else st.just([])
+    return st.sampled_from(list(JOB_PARAMS)).flatmap(lambda job: st.fixed_dictionaries(
+        {'job': st.just(job), 'params': st.dictionaries(_mostly(st.sampled_from(JOB_PARAMS[job]), st.just('nope')), STEP_VALUE, max_size=3),
+         'needs': needs}))
+
+
+def _steps(names: list[str]) -> st.SearchStrategy:
+    "Steps of those names, each mostly well-formed (so cycles, unknown steps and self-dependencies are checked)."
+    return st.fixed_dictionaries({n: _mostly(_step([m for m in names if m != n]), _mostly(JUNK_STEP, JSON)) for n in names})
+
 PIPELINE = _mostly(st.fixed_dictionaries({'name': _mostly(st.sampled_from(['p', 'shelf-1']), TOKEN | SCALARS),
-                                          'steps': _mostly(st.dictionaries(_mostly(st.sampled_from(STEP_NAMES), st.sampled_from(['1x', 'a b', 'é', '']) | TOKEN),
-                                                                           _mostly(STEP, JSON), min_size=1, max_size=3), JSON)}),
+                                          'steps': _mostly(st.lists(st.sampled_from(STEP_NAMES), min_size=1, max_size=3, unique=True).flatmap(_steps),
+                                                           st.dictionaries(st.sampled_from(['1x', 'a b', 'é', '']) | TOKEN, JUNK_STEP, max_size=2) | JSON)}),
                    st.fixed_dictionaries({}, optional={'name': JSON, 'steps': JSON, 'other': JSON}))
 STEP_JOB = _notebook(("n: int = 1  # a number\ns = ''\nopts: dict | str = {}", 1, True))  # the job 'job.ipynb' names
 

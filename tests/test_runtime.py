@@ -64,7 +64,7 @@ def det_pred(env): return Predictor.from_bundle(env['det_bundle'], trusted_keys=
 
 def test_classification_matches_the_pytorch_model_on_the_same_preprocessing(env, clf_pred):
     x = preprocess(env['photos'], env['clf'].preprocessing)  # the evaluation side calls this very function
-    with torch.no_grad(): probs = torch.softmax(env['clf'](torch.from_numpy(x)), 1).numpy()
+    with torch.no_grad(): probs = torch.softmax(env['clf'](torch.from_numpy(x))[0], 1).numpy()
     results = clf_pred.predict_batch(env['photos'])
     assert [r.label for r in results] == [LABELS[i] for i in probs.argmax(1)]
     np.testing.assert_allclose([r.score for r in results], probs.max(1), rtol=1e-4)
@@ -88,7 +88,7 @@ def test_preprocess_agrees_with_the_training_pipeline(env):
 def test_detections_are_the_pytorch_detections_in_original_pixels(env, det_pred):
     photo = env['photos'][1]  # 200 x 300, stretched to 320 x 320
     x, (g,) = preprocess_with_geometry(photo, det_pred.contract.preprocessing)
-    with torch.no_grad(): boxes, scores, labels = (t[0].numpy() for t in env['det'](torch.from_numpy(x)))
+    with torch.no_grad(): boxes, scores, labels, _ = (t[0].numpy() for t in env['det'](torch.from_numpy(x)))
     keep = scores >= 0.45
     d = det_pred.predict(photo)
     assert len(d) == keep.sum() > 0

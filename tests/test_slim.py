@@ -33,24 +33,29 @@ HEAVY = {'torch', 'torchvision', 'lightning', 'torchmetrics', 'wandb', 'optuna',
          'matplotlib', 'pycocotools', 'papermill', 'nbdev', 'nbconvert', 'jupyterlab', 'ipykernel', 'mkdocs', 'mkdocs-material',
          'fastapi', 'uvicorn', 'psycopg2-binary', 'kubernetes-validate'}
 DEVICE_MODULES = ['retail_cv.core', 'retail_cv.preprocess', 'retail_cv.profiles', 'retail_cv.bundle', 'retail_cv.credentials',
-                  'retail_cv.runtime', 'retail_cv.cli']
+                  'retail_cv.runtime', 'retail_cv.agent', 'retail_cv.cli']
 
 
-def _pip(python: Path, *args: str, cwd: Path | None = None):
+def _pip(python: Path, *args: str):
     "pip of `python`, quiet; its own output in the failure message."
-    r = subprocess.run([str(python), '-m', 'pip', '-q', *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+    r = subprocess.run([str(python), '-m', 'pip', '-q', *args], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def _normal(name: str) -> str: return name.lower().replace('_', '-').replace('.', '-')
 
 
-def _requires(wheel: Path) -> list[tuple[str, set[str], str | None]]:
-    "(distribution, extras it asks for, extra it belongs to or None) of every Requires-Dist in the wheel's METADATA."
+def _requires_dist(wheel: Path) -> list[str]:
+    "The Requires-Dist lines of the wheel's METADATA, as pip reads them."
     with zipfile.ZipFile(wheel) as z:
         meta = email.message_from_bytes(z.read(next(n for n in z.namelist() if n.endswith('.dist-info/METADATA'))))
+    return meta.get_all('Requires-Dist')
+
+
+def _requires(wheel: Path) -> list[tuple[str, set[str], str | None]]:
+    "(distribution, extras it asks for, extra it belongs to or None) of every requirement of the wheel."
     out = []
-    for req in meta.get_all('Requires-Dist'):
+    for req in _requires_dist(wheel):
         m = re.match(r'\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?[^;]*(?:;\s*extra\s*==\s*["\']([^"\']+))?', req)
         out.append((_normal(m[1]), set(filter(None, (m[2] or '').split(','))), m[3]))
     return out
@@ -137,8 +142,7 @@ def test_the_wheel_base_requires_no_training_stack(wheel):
     assert {'fastapi', 'uvicorn', 'psycopg2-binary'} <= _installs(reqs, 'fleet') and 'torch' not in _installs(reqs, 'fleet')
     assert {'mkdocs', 'mkdocs-material'} <= _installs(reqs, 'docs')
     assert HEAVY <= _installs(reqs, 'all') and _installs(reqs, 'all') | {'pytest', 'dockerfile-parse'} <= _installs(reqs, 'dev')
-    torch_req = next(r for r in email.message_from_bytes(zipfile.ZipFile(wheel).read(
-        next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith('METADATA')))).get_all('Requires-Dist') if r.startswith('torch'))
+    torch_req = next(r for r in _requires_dist(wheel) if re.match(r'torch\s*[<>=]', r))
     assert '<=2.14.1' in torch_req and '>=2.5' in torch_req  # the range that installs from local disk here
 
 

@@ -89,7 +89,7 @@ def test_fit_writes_the_run_folder(ws, reference):
     assert r.best_score == max(row['val/acc'] for row in r.history)
     assert m.class_names == cfg['class_names'] and len(m.class_names) == 7
     x = m.exportable().example_input(2)
-    with torch.no_grad(): assert m.exportable()(x).shape == (2, 7)
+    with torch.no_grad(): assert m.exportable()(x)[0].shape == (2, 7)
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(ws, reference):

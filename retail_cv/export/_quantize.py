@@ -82,6 +82,19 @@ def quantize_int8(fp32_path: str | os.PathLike,  # the fp32 ONNX model
     atomic_write(out_path, data)
     return set_onnx_metadata(out_path, **{**meta, 'precision': 'int8'})
 
+# %% ../../nbs/43a_export_quantize.ipynb #284ce5fb
+def _outputs_apart(model: onnx.ModelProto) -> onnx.ModelProto:
+    "Give every graph output that a node also reads its own Identity, so fp16 casts at the edge leave the inside alone."
+    read = {name for n in model.graph.node for name in n.input}
+    for out in model.graph.output:
+        if out.name not in read: continue
+        inner = out.name + '__inner'  # the classifier's `embedding` feeds its head *and* leaves the graph
+        for n in model.graph.node:
+            n.input[:] = [inner if x == out.name else x for x in n.input]
+            n.output[:] = [inner if x == out.name else x for x in n.output]
+        model.graph.node.append(onnx.helper.make_node('Identity', [inner], [out.name]))
+    return model
+
 # %% ../../nbs/43a_export_quantize.ipynb #a78f60ab
 def convert_fp16(fp32_path: str | os.PathLike,  # the fp32 ONNX model
                  out_path: str | os.PathLike,  # the fp16 model to write
@@ -89,7 +102,7 @@ def convert_fp16(fp32_path: str | os.PathLike,  # the fp32 ONNX model
     "fp16 weights and activations with fp32 inputs and outputs (onnxconverter-common); written atomically."
     model = onnx.load(str(fp32_path))
     meta = {p.key: p.value for p in model.metadata_props}
-    half = float16.convert_float_to_float16(model, keep_io_types=True)
+    half = float16.convert_float_to_float16(_outputs_apart(model), keep_io_types=True)
     try: onnx.checker.check_model(half)
     except onnx.checker.ValidationError as e:  # the converter can break graphs with If subgraphs (SSDlite's NMS)
         raise ConfigError(f"fp16 conversion of {fp32_path} gave an invalid ONNX graph: {str(e).strip().splitlines()[0][:200]}") from None

@@ -54,6 +54,7 @@ class FleetBase:
         ws = config.workspace
         self.workspace = None if ws is None else ws if isinstance(ws, Workspace) else Workspace.open(ws)
         self.registry = FleetRegistry(self.workspace, actor=SERVER.actor) if self.workspace is not None else None
+        if self.registry is not None: self.registry.whoami()  # fail now, not at the first audit entry, when the session may not read it
         self.audit = Auditor(self.db, self.registry)
         self.admins = AdminAuth(config.token_keys, config.revocations)
         self._no_alias: dict[str, float] = {}  # model -> when the registry last had no alias to pin
