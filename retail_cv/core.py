@@ -7,6 +7,8 @@ Docs: https://retail-cv.github.io/retail_cv/core.html.md"""
 # %% ../nbs/00_core.ipynb #141bf60d
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import datetime as _dt
 import hashlib
@@ -28,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # %% auto #0
 __all__ = ['Task', 'RetailCVError', 'ConfigError', 'WorkspaceError', 'DataError', 'IntegrityError', 'DependencyError',
-           'atomic_open', 'atomic_write', 'sha256_bytes', 'sha256_file', 'canonical_json', 'utc_now', 'slugify',
-           'pid_alive', 'git_state', 'seed_everything', 'StrictModel', 'parse_model', 'read_yaml', 'Settings',
-           'load_settings', 'Workspace']
+           'atomic_open', 'atomic_write', 'sha256_bytes', 'sha256_file', 'canonical_json', 'b64url', 'from_b64url',
+           'utc_now', 'slugify', 'pid_alive', 'git_state', 'seed_everything', 'StrictModel', 'parse_model', 'read_yaml',
+           'Settings', 'load_settings', 'Workspace']
 
 # %% ../nbs/00_core.ipynb #1dd3010d
 class RetailCVError(Exception):
@@ -118,6 +120,24 @@ def sha256_file(path: str | os.PathLike,  # file to hash
 def canonical_json(obj: Any) -> bytes:
     "Deterministic JSON bytes of `obj` for hashing."
     return json.dumps(obj, sort_keys=True, separators=(',', ':'), ensure_ascii=False, allow_nan=False).encode('utf-8')
+
+# %% ../nbs/00_core.ipynb #b64a1d03
+def b64url(data: bytes) -> str:
+    "base64url of `data`, without padding."
+    return base64.urlsafe_b64encode(data).rstrip(b'=').decode()
+
+# %% ../nbs/00_core.ipynb #b64a1d05
+_B64URL = re.compile(r'[A-Za-z0-9_-]*={0,2}')
+
+def from_b64url(text: Any,  # base64url, padding optional
+                what: str = 'value',  # what it is, for the error
+               ) -> bytes:
+    "The bytes of base64url `text`; a `DataError` naming `what` for anything else (other alphabets, stray characters)."
+    if not isinstance(text, str): raise DataError(f"{what} must be a base64url string, got {type(text).__name__}")
+    body = text.rstrip('=')
+    if not _B64URL.fullmatch(text): raise DataError(f"{what} is not valid base64url")
+    try: return base64.urlsafe_b64decode(body + '=' * (-len(body) % 4))
+    except (binascii.Error, ValueError): raise DataError(f"{what} is not valid base64url") from None
 
 # %% ../nbs/00_core.ipynb #3bba3bec
 def utc_now() -> str:

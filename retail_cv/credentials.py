@@ -7,7 +7,6 @@ Docs: https://retail-cv.github.io/retail_cv/credentials.html.md"""
 # %% ../nbs/51_credentials.ipynb #4ef0aa5b
 from __future__ import annotations
 
-import base64
 import json
 import os
 import secrets
@@ -21,13 +20,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .bundle import load_public_keys, public_key_id
-from .core import RetailCVError, canonical_json
+from .core import RetailCVError, b64url, canonical_json, from_b64url
 
 # %% auto #0
-__all__ = ['SCOPES', 'TokenError', 'ScopeError', 'TokenClaims', 'key_id', 'issue_token', 'read_revocations', 'TokenVerifier']
+__all__ = ['SCOPES', 'TOKEN_KEYS_ENV', 'REVOCATIONS_ENV', 'TokenError', 'ScopeError', 'TokenClaims', 'key_id', 'issue_token',
+           'read_revocations', 'TokenVerifier']
 
 # %% ../nbs/51_credentials.ipynb #68478259
-SCOPES = ('predict', 'models', 'admin')  # what a service token may allow: predict, read model info, everything
+# what a token may allow: predict and read model info (service), manage the fleet, a registry role, everything
+SCOPES = ('predict', 'models', 'fleet:admin', 'registry:viewer', 'registry:developer', 'registry:approver', 'registry:admin', 'admin')
+TOKEN_KEYS_ENV = 'RETAIL_CV_TOKEN_KEYS'  # public key files of the token issuer, separated by os.pathsep
+REVOCATIONS_ENV = 'RETAIL_CV_TOKEN_REVOCATIONS'  # the revocation list file registry sessions check signed tokens against
 
 class TokenError(RetailCVError):
     "No usable token: missing, malformed, badly signed, expired or revoked (HTTP 401)."
@@ -51,12 +54,6 @@ class TokenClaims(BaseModel):
 
     def allows(self, scope: str) -> bool: return scope in self.scopes or 'admin' in self.scopes
 
-# %% ../nbs/51_credentials.ipynb #5e0cf6ad
-def _b64(data: bytes) -> str: return base64.urlsafe_b64encode(data).rstrip(b'=').decode()
-
-# %% ../nbs/51_credentials.ipynb #c43fe4f2
-def _unb64(text: str) -> bytes: return base64.b64decode(text + '=' * (-len(text) % 4), altchars=b'-_', validate=True)
-
 # %% ../nbs/51_credentials.ipynb #a74fd710
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     "The id of a key's public half, as bundles name their signers."
@@ -75,7 +72,7 @@ def issue_token(key: Ed25519PrivateKey,  # the issuer's signing key
     now = int(time.time() if now is None else now)
     claims = TokenClaims(sub=subject, scopes=scopes, exp=now + ttl_s, iat=now, jti=secrets.token_hex(8), kid=key_id(key))
     payload = canonical_json(claims.model_dump(mode='json'))
-    return f"rcv1.{_b64(payload)}.{_b64(key.sign(payload))}"
+    return f"rcv1.{b64url(payload)}.{b64url(key.sign(payload))}"
 
 # %% ../nbs/51_credentials.ipynb #b2d58bf1
 def read_revocations(path: str | os.PathLike,  # text file: one token id per line, '#' comments
@@ -104,8 +101,8 @@ def _decode(token: str) -> tuple[bytes, bytes]:
     "The claims bytes and the signature of a token, or `TokenError`."
     parts = token.split('.')
     if len(parts) != 3 or parts[0] != 'rcv1': raise TokenError("malformed token: expected rcv1.<claims>.<signature>")
-    try: return _unb64(parts[1]), _unb64(parts[2])
-    except (ValueError, TypeError): raise TokenError("malformed token: bad base64") from None
+    try: return from_b64url(parts[1]), from_b64url(parts[2])
+    except ValueError: raise TokenError("malformed token: bad base64") from None
 
 # %% ../nbs/51_credentials.ipynb #53b41ed5
 class TokenVerifier:

@@ -221,16 +221,23 @@ class _Wrapper(nn.Module):
 # %% ../nbs/03_models.ipynb #787cb09c
 _EMBEDDING_FORMAT = 'global average pool of the last feature map'  # what `embedding` outputs hold
 
-def _classifier_parts(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
-    "Split a classifier into images -> pooled features (the embedding) and the head that maps them to logits."
+def _classifier_parts(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module] | None:
+    "Split a known classifier into images -> pooled features (the embedding) and the head that maps them to logits."
     if isinstance(model, (torchvision.models.MobileNetV3, torchvision.models.EfficientNet)):
         return (lambda x: torch.flatten(model.avgpool(model.features(x)), 1)), model.classifier
     if isinstance(model, torchvision.models.ResNet):
         stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4)
         return (lambda x: torch.flatten(model.avgpool(stem(x)), 1)), model.fc
     if isinstance(model, _TinyCNN): return model.features, model.head
-    raise ConfigError(f"no pooled-feature split known for {type(model).__name__}")
+    return None  # any other model: the embedding is what its last Linear layer reads
 
+
+# %% ../nbs/03_models.ipynb #317e2443
+def _last_linear(model: nn.Module) -> nn.Linear:
+    "The last `nn.Linear` of a classifier outside the registry: what it reads is its embedding."
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears: raise ConfigError(f"{type(model).__name__} has no Linear layer to take an embedding from")
+    return linears[-1]
 
 # %% ../nbs/03_models.ipynb #c45a5588
 class Classifier(_Wrapper):
@@ -239,18 +246,28 @@ class Classifier(_Wrapper):
     dynamic_axes = {'images': {0: 'batch'}, 'logits': {0: 'batch'}, 'embedding': {0: 'batch'}}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        trunk, head = _classifier_parts(self.model)
-        embedding = trunk(images)
-        return head(embedding), embedding
+        if (parts := _classifier_parts(self.model)) is not None:
+            embedding = parts[0](images)
+            return parts[1](embedding), embedding
+        seen: list[torch.Tensor] = []
+        hook = _last_linear(self.model).register_forward_hook(lambda m, i, out: seen.append(i[0]))
+        try: logits = self.model(images)
+        finally: hook.remove()
+        return logits, seen[-1].flatten(1)
+
+    @property
+    def embedding_size(self) -> int:
+        "D, the width of the `embedding` output."
+        head = parts[1] if (parts := _classifier_parts(self.model)) is not None else _last_linear(self.model)
+        return next(m for m in head.modules() if isinstance(m, nn.Linear)).in_features
 
     def contract(self) -> dict[str, Any]:
         "Inputs, outputs and preprocessing, JSON-ready."
-        n, d = self.spec.image_size, next(m for m in _classifier_parts(self.model)[1].modules() if isinstance(m, nn.Linear)).in_features
+        n = self.spec.image_size
         return {'inputs': [{'name': 'images', 'shape': ['batch', 3, n, n], 'dtype': 'float32'}],
                 'outputs': [{'name': 'logits', 'shape': ['batch', self.spec.num_classes], 'dtype': 'float32'},
-                            {'name': 'embedding', 'shape': ['batch', d], 'dtype': 'float32', 'format': _EMBEDDING_FORMAT}],
+                            {'name': 'embedding', 'shape': ['batch', self.embedding_size], 'dtype': 'float32', 'format': _EMBEDDING_FORMAT}],
                 'preprocessing': self.preprocessing}
-
 
 # %% ../nbs/03_models.ipynb #b10af2f7
 def _pooled(features: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:

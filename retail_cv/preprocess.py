@@ -21,9 +21,10 @@ from pydantic import ConfigDict, Field, field_validator
 from .core import ConfigError, DataError, StrictModel, parse_model
 
 # %% auto #0
-__all__ = ['ResizeMode', 'ImageSource', 'PreprocessSpec', 'as_preprocess_spec', 'load_image', 'Geometry', 'resize_geometry',
-           'resize_image', 'normalize', 'preprocess_with_geometry', 'preprocess', 'PostprocessSpec', 'Classification',
-           'Detections', 'softmax', 'postprocess_classification', 'postprocess_detection']
+__all__ = ['ResizeMode', 'ImageSource', 'STATS_SIDE', 'PreprocessSpec', 'as_preprocess_spec', 'load_image', 'image_stats',
+           'Geometry', 'resize_geometry', 'resize_image', 'normalize', 'preprocess_with_geometry', 'preprocess',
+           'PostprocessSpec', 'Classification', 'Detections', 'softmax', 'postprocess_classification',
+           'postprocess_detection']
 
 # %% ../nbs/01_preprocess.ipynb #044b4b72
 ResizeMode = Literal['stretch', 'letterbox', 'crop']
@@ -111,6 +112,25 @@ def load_image(source: ImageSource,  # path, encoded bytes, PIL image or uint8 a
         return upright if upright.mode == 'RGB' and upright is not source else upright.convert('RGB')
     except _PIL_ERRORS as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+
+# %% ../nbs/01_preprocess.ipynb #a44e8a9f
+STATS_SIDE = 512  # longer side, in pixels, statistics are computed at
+
+def image_stats(image: Image.Image,  # an upright RGB image (from `load_image`)
+               ) -> dict[str, Any]:
+    "Size, channel means and deviations, brightness, contrast, sharpness and colourfulness of one image."
+    w, h = image.size
+    small = image.reduce(-(-max(w, h) // STATS_SIDE)) if max(w, h) > STATS_SIDE else image
+    a = np.asarray(small.convert('RGB'), dtype=np.float32)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    lap = 4 * y[1:-1, 1:-1] - y[:-2, 1:-1] - y[2:, 1:-1] - y[1:-1, :-2] - y[1:-1, 2:]
+    rg, yb = r - g, 0.5 * (r + g) - b
+    colour = np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())
+    flat = a.reshape(-1, 3)
+    return {'width': w, 'height': h, 'mean': [round(float(v), 2) for v in flat.mean(0)], 'std': [round(float(v), 2) for v in flat.std(0)],
+            'brightness': round(float(y.mean()), 3), 'contrast': round(float(y.std()), 3),
+            'sharpness': round(float(lap.var()) if lap.size else 0.0, 3), 'colourfulness': round(float(colour), 3)}
 
 # %% ../nbs/01_preprocess.ipynb #a85fe9de
 @dataclass(frozen=True)

@@ -339,9 +339,10 @@ def test_fsyncs_around_each_rename(tmp_path, kit):
         folder = str(Path(dst).parent)
         assert src in before[-3:] or folder in before[-1:], f"no fsync of {src} (or of {folder} for a link) just before renaming it to {dst}"
         assert after and after[0] == folder, f"rename to {dst} not followed by an fsync of {folder}: {after[:2]}"
-    for i, (_, src, dst) in renames:  # the link swaps: the temporary link is fsynced into its folder before it replaces the old one
+    for i, (_, src, dst) in renames:  # the link swaps: the new link is fsynced into its folder before it replaces the old one
         if Path(dst).name in ('current', 'previous'):
-            assert any(e == ('symlink', src) for e in events[:i]), f"{src} was not created as a symlink before the rename"
+            made = [k for k, e in enumerate(events[:i]) if e == ('symlink', src)]
+            assert made and ('fsync', str(Path(dst).parent)) in events[made[-1] + 1:i], f"{src}: no symlink, or no fsync of its folder before the rename"
     assert verify_bundle(dev/'current', kit['keys']).version == '2'
 
 

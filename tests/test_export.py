@@ -73,9 +73,9 @@ def test_parity_gate_passes_on_a_trained_model(exported, trained):
 class ExportsWrong(Classifier):
     "A classifier whose exported graph is not its PyTorch forward (as an export-only code path would make it): noise on the logits."
     def forward(self, images):
-        out = super().forward(images)
-        if not torch.onnx.is_in_onnx_export(): return out
-        return out + torch.from_numpy(np.random.default_rng(0).standard_normal(out.shape[-1]).astype(np.float32))
+        logits, embedding = super().forward(images)
+        if not torch.onnx.is_in_onnx_export(): return logits, embedding
+        return logits + torch.from_numpy(np.random.default_rng(0).standard_normal(logits.shape[-1]).astype(np.float32)), embedding
 
 
 def test_broken_export_fails_with_its_numbers(ws, grocery, trained):
@@ -212,7 +212,7 @@ def test_opencv_dnn_agrees_with_onnx_runtime(exported, grocery, tmp_path):
     ort_logits = ort.InferenceSession(str(exported.onnx['fp32']), providers=['CPUExecutionProvider']).run(None, {'images': x})[0]
     net = cv2.dnn.readNetFromONNX(str(exported.onnx['fp32']))
     net.setInput(x)
-    cv_logits = net.forward()
+    cv_logits = net.forward('logits')
     assert (cv_logits.argmax(1) == ort_logits.argmax(1)).all()
     np.testing.assert_allclose(cv_logits, ort_logits, atol=1e-4)
     # and for a real architecture: MobileNetV3-small (hard-swish, squeeze-excitation), BatchNorm recalibrated on the photos
@@ -224,7 +224,7 @@ def test_opencv_dnn_agrees_with_onnx_runtime(exported, grocery, tmp_path):
     ort_logits = ort.InferenceSession(str(path), providers=['CPUExecutionProvider']).run(None, {'images': xs})[0]
     net = cv2.dnn.readNetFromONNX(str(path))
     net.setInput(xs)
-    cv_logits = net.forward()
+    cv_logits = net.forward('logits')
     assert (cv_logits.argmax(1) == ort_logits.argmax(1)).all()
     np.testing.assert_allclose(cv_logits, ort_logits, atol=1e-3)
 
@@ -243,7 +243,7 @@ def test_same_input_tensor_on_the_evaluation_and_runtime_sides(exported, grocery
     c = p.predict(photo)
     assert c.index == int(logits.argmax()) and c.score == pytest.approx(float(softmax(logits)[0].max()), abs=1e-6)
     with torch.inference_mode():
-        torch_logits = load_checkpoint(trained.best_checkpoint).exportable()(torch.from_numpy(eval_x)).numpy()
+        torch_logits = load_checkpoint(trained.best_checkpoint).exportable()(torch.from_numpy(eval_x))[0].numpy()
     np.testing.assert_allclose(logits, torch_logits, atol=1e-4)
 
 

@@ -90,7 +90,7 @@ def world(built, tmp_path):
     (tmp_path/'issuer.key').write_bytes(issuer.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (tmp_path/'issuer.key').chmod(0o600)
     return {'ws': ws, 'reg': reg, 'issuer': issuer, 'tmp': tmp_path,
-            'admin': {'Authorization': 'Bearer ' + issue_token(issuer, 'alice', ['admin'])}}
+            'admin': {'Authorization': 'Bearer ' + issue_token(issuer, 'alice', ['fleet:admin'])}}
 
 
 def config(world, **kw) -> FleetConfig:
@@ -292,6 +292,34 @@ def test_three_stage_rollout_reaches_every_device_with_its_profiles_bundle(world
         assert rid in page and 'completed' in page
         actions = [e.action for e in fleet_audit(world)]
         assert actions.count('fleet.stage') == 2 and 'fleet.rollout_completed' in actions and 'fleet.rollout' in actions
+
+
+def test_the_fleet_page_written_by_the_cli_shows_rollout_progress_in_chromium(world, tmp_path, artifacts):
+    "`GET /fleet` needs the admin token, which a browser cannot send: `fleet status --html` writes the page to a file."
+    from test_docs import CHROME_FLAGS, CHROMIUM
+    assert CHROMIUM, "Debian package 'chromium' is not installed (scripts/system-deps.sh installs it)"
+    page, token = tmp_path/'fleet.html', world['admin']['Authorization'][7:]
+    with FleetServer(config(world)) as srv:
+        devs = enrolled(srv, world, 4)
+        run_until(devs, lambda: all(d.running for d in devs))
+        world['reg'].promote(MODEL, 2, reason='better')
+        rid = admin(srv, world, 'POST', '/v1/admin/rollouts', json={'ref': f'{MODEL}:2', 'stages': [50, 100], 'soak_s': 3600}).json()['id']
+        for d in devs: d.step()  # the canaries switch and report healthy; the stage soaks for an hour
+        assert httpx.get(srv.url + '/fleet').status_code == 401  # the page itself stays protected
+        r = subprocess.run([CLI, 'fleet', 'status', '--html', str(page)], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, 'RETAIL_CV_FLEET_URL': srv.url, 'RETAIL_CV_FLEET_TOKEN': token})
+        assert r.returncode == 0, r.stderr
+    assert token not in page.read_text() and 'wrote the fleet page' in r.stderr
+    args = [CHROMIUM, *CHROME_FLAGS, f'--user-data-dir={tmp_path}/chrome']
+    dom = subprocess.run([*args, '--dump-dom', page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    assert f'{rid}: {MODEL}:2 (from 1)' in dom and "<span class=\"active\">active</span>" in dom
+    # stage 0 (one device of each profile) healthy and soaking, a full bar; stage 1 still pending, an empty one
+    assert '<td>0 (50%)</td><td>active</td><td><div class="bar"><div style="width:100%"></div></div> 2/2</td>' in dom, dom
+    assert '<td>1 (100%)</td><td>pending</td><td><div class="bar"><div style="width:0%"></div></div> 0/0</td>' in dom, dom
+    shot = artifacts/'fleet-page.png'
+    shot.unlink(missing_ok=True)
+    subprocess.run([*args, '--window-size=1000,800', f'--screenshot={shot}', page.as_uri()], capture_output=True, timeout=120)
+    with Image.open(shot) as im: assert im.size == (1000, 800) and len(set(im.convert('L').resize((50, 40)).tobytes())) > 5
 
 
 def test_failing_canaries_halt_the_rollout_and_roll_back(world):

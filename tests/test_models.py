@@ -56,9 +56,9 @@ def test_real_lightning_checkpoint_loads(tmp_path):
     trainer.save_checkpoint(tmp_path/'run.ckpt')
     fresh = tiny_classifier(3)
     x = fresh.example_input(4)
-    assert not torch.equal(_outputs(fresh, x), _outputs(module.model, x))
+    assert not torch.equal(_outputs(fresh, x)[0], _outputs(module.model, x))
     load_weights(fresh, tmp_path/'run.ckpt')  # a Classifier is unwrapped; the 'model.' prefix is stripped
-    assert torch.equal(_outputs(fresh, x), _outputs(module.model, x))
+    assert torch.equal(_outputs(fresh, x)[0], _outputs(module.model, x))
 
 
 def test_checkpoint_of_another_architecture_names_file_and_keys(tmp_path):
@@ -115,25 +115,28 @@ def test_detector_head_of_another_size_is_skipped(tmp_path):
 def test_classifier_onnx_has_dynamic_batch_and_matches(tmp_path):
     clf = tiny_classifier(4, image_size=48)
     sess = ort.InferenceSession(str(to_onnx(clf, tmp_path/'tiny.onnx')), providers=['CPUExecutionProvider'])
-    assert [o.name for o in sess.get_outputs()] == ['logits']
+    assert [o.name for o in sess.get_outputs()] == ['logits', 'embedding']
     for batch in (1, 5):
         x = clf.example_input(batch, seed=batch)
-        np.testing.assert_allclose(sess.run(None, {'images': x.numpy()})[0], _outputs(clf, x).numpy(), atol=1e-5)
+        for got, want in zip(sess.run(None, {'images': x.numpy()}), _outputs(clf, x)):
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize('arch', architectures('detection'))
 def test_each_detector_runs_at_320_with_padded_outputs(arch):
     spec = ModelSpec(arch=arch, num_classes=3, image_size=320, max_detections=50)
     det = wrap(recalibrate_batchnorm(build_model(spec), example_input(spec, 2, seed=9)), spec)
-    boxes, scores, labels = _outputs(det, det.example_input(1))
+    boxes, scores, labels, embedding = _outputs(det, det.example_input(1))
     assert (boxes.shape, scores.shape, labels.shape, labels.dtype) == ((1, 50, 4), (1, 50), (1, 50), torch.int64)
+    assert embedding.shape == (1, det.contract()['outputs'][3]['shape'][1])
     real = labels >= 0
     assert set(labels[real].tolist()) <= {1, 2, 3} and (scores[~real] == 0).all() and (labels[~real] == -1).all()
     assert (boxes[real][:, 2:] >= boxes[real][:, :2]).all() and (boxes[real] >= 0).all() and (boxes[real] <= 320).all()
 
 
 def _check_detections(ort_out, torch_out):
-    (ob, os_, ol), (eb, es, el) = ort_out, [t.numpy() for t in torch_out]
+    (ob, os_, ol, oe), (eb, es, el, ee) = ort_out, [t.numpy() for t in torch_out]
+    np.testing.assert_allclose(oe, ee, atol=1e-4)  # the pooled backbone features
     assert (ob.shape, os_.shape, ol.shape, ol.dtype) == (eb.shape, es.shape, el.shape, el.dtype)
     for i in range(len(eb)):  # top 10 in the same order; all scores equal as multisets
         np.testing.assert_allclose(ob[i, :10], eb[i, :10], atol=1e-2)
@@ -150,7 +153,7 @@ def test_default_detector_exports_and_onnx_runtime_agrees(tmp_path, batch_size):
     path = to_onnx(det, tmp_path/'det.onnx', batch_size=batch_size)
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     assert [(i.name, i.shape) for i in sess.get_inputs()] == [('images', [batch_size, 3, 320, 320])]
-    assert [o.name for o in sess.get_outputs()] == ['boxes', 'scores', 'labels']
+    assert [o.name for o in sess.get_outputs()] == ['boxes', 'scores', 'labels', 'embedding']
     x = det.example_input(batch_size, seed=5)  # not the input the graph was traced with
     _check_detections(sess.run(None, {'images': x.numpy()}), _outputs(det, x))
     assert det.contract(batch_size)['outputs'][0]['shape'] == [batch_size, spec.max_detections, 4]

@@ -155,7 +155,7 @@ def test_model_that_breaks_its_contract_is_refused(env, tmp_path):
     b = Path(shutil.copytree(env['det_bundle'], tmp_path/'det'))
     shutil.copy(to_onnx(tiny_classifier(3, image_size=320), tmp_path/'x.onnx'), b/'model.onnx')
     sign_bundle(b, workspace=env['ws'])
-    with pytest.raises(IntegrityError, match="model.onnx does not match the contract in bundle.json: model outputs are \\['logits'\\]"):
+    with pytest.raises(IntegrityError, match="model.onnx does not match the contract in bundle.json: model outputs are \\['logits', 'embedding'\\]"):
         Predictor.from_bundle(b, trusted_keys=env['trusted'])
 
 
@@ -235,7 +235,8 @@ def test_golden_check_fails_when_outputs_differ(env, tmp_path):
     sign_bundle(mixed, workspace=env['ws'])
     p = Predictor.from_bundle(mixed, trusted_keys=env['trusted'])
     r = check_golden(p)
-    assert not r.ok and len(r.failures) == 3 and r.failures[0].startswith('golden/000.jpg: logits differ by up to')
+    assert not r.ok and r.failures[0].startswith('golden/000.jpg: logits differ by up to')
+    assert sum('logits differ' in f for f in r.failures) == 3 and set(r.max_abs_diff) == {'logits', 'embedding'}
     with pytest.raises(IntegrityError, match='golden check failed'): check_golden(p, raise_on_failure=True)
     assert good.exists()
 

@@ -210,7 +210,8 @@ def test_prediction_log_has_ids_hashes_store_and_no_image_bytes(env, server):
     import base64
     for p in env['photos']:
         assert p[100:164] not in raw and base64.b64encode(p)[100:164] not in raw
-    assert set(rec) == {'schema', 'prediction_id', 'time', 'image_sha256', 'model', 'store_id', 'device_id', 'outputs', 'image'}
+    assert set(rec) == {'schema', 'prediction_id', 'time', 'image_sha256', 'model', 'store_id', 'device_id', 'outputs', 'image', 'embedding'}
+    assert len(rec['embedding']) == 16  # the tiny classifier's pooled features, for drift monitoring
 
 
 # ---- hot swap ----------------------------------------------------------------------------------------------------
@@ -338,3 +339,21 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(env, tmp_pat
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its reports stay out of the checkout
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
     assert 'Tested: 6' in r.stdout, r.stdout[-3000:]  # every operation of the spec
+
+
+def test_prediction_log_keeps_images_only_on_request_and_blurs_faces(env, tmp_path):
+    "`--log-images`: the logged image is stored with the face blurred, and the record names it; the bytes never enter the JSON."
+    from skimage import data as skdata
+    buf = io.BytesIO(); Image.fromarray(skdata.astronaut()).save(buf, 'JPEG', quality=95); photo = buf.getvalue()
+    link = tmp_path/'active'; _swap(link, env['bundles']['1'])
+    with ServerThread(_config(env, link, watch_s=0, log_dir=tmp_path/'log', log_images=True)) as srv:
+        r = httpx.post(srv.url + '/v1/predict', content=photo, headers={**_auth(env), 'Content-Type': 'image/jpeg', 'X-Store-Id': 's1'})
+        assert r.status_code == 200, r.text
+    rec = json.loads((tmp_path/'log'/'predictions.jsonl').read_text())
+    assert rec['prediction_id'] == r.json()['prediction_id'] and rec['faces_blurred'] >= 1
+    kept = np.asarray(Image.open(tmp_path/'log'/rec['image_file']), dtype=float)
+    sent = np.asarray(Image.open(io.BytesIO(photo)), dtype=float)
+    face, suit = (slice(60, 170), slice(170, 280)), (slice(400, 512), slice(400, 512))
+    assert np.abs(kept[face] - sent[face]).mean() > 15 and np.abs(kept[suit] - sent[suit]).mean() < 5
+    from retail_cv.serve import delete_store
+    assert delete_store(tmp_path/'log', 's1') == 1 and not list((tmp_path/'log'/'images').iterdir())

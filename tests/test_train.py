@@ -297,7 +297,7 @@ def test_detector_trains_and_reports_coco_map(tmp_path):
     assert (r.metrics['val/map'], r.metrics['val/map_50']) == (pytest.approx(again['map50_95']), pytest.approx(again['map50']))
     det = load_checkpoint(r.last_checkpoint)
     assert det.spec.num_classes == 6 and det.class_names[0] == '__background__'
-    boxes, scores, labels = det.exportable()(det.exportable().example_input(1))
+    boxes, scores, labels, _ = det.exportable()(det.exportable().example_input(1))
     assert boxes.shape == (1, 100, 4) and int(labels.max()) <= 6
 
 

@@ -7,7 +7,7 @@ Docs: https://retail-cv.github.io/retail_cv/agent.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/56_agent.ipynb #efeacb4d
+# %% ../../nbs/56_agent.ipynb #fb4179c8
 from ._device import (LOG_LINE, PHASES, AgentLog, AgentState, DeviceConfig, DeviceDir, Installed,
                                      read_config, read_state)
 from ._trust import (VERDICT_CODES, Rejected, Statement, TrustedKey, TrustStore, key_b64, revocation_statement,
@@ -16,15 +16,15 @@ from ._verify import Verdict, assess, check_bundle, golden_on_device, verdict_co
 from ._slots import SLOT_NAMES, point_link, recover_slots, slot_of, unpack_bundle
 from ._health import Counters, ProbeError, WatchdogPolicy, probe, read_counters, write_counters
 from ._drops import PAYLOAD_SUFFIXES, STATEMENT_SUFFIX, DropFolder, drop_kind
-from ._fleet import PROTOCOL, FleetClient, FleetLink, FleetRefusal, device_id_of, device_key
-from ._agent import Agent, apply_bundle, init_device, recover, revert, watchdog_tick
+from ._fleet import PROTOCOL, FleetClient, FleetLink, FleetRefusal, device_id_of, device_key, download_bundle
+from ._agent import TRUST_CODES, Agent, apply_bundle, init_device, recover, refresh_trust, revert, watchdog_tick
 from ._run import connect, report_body, run, sync_fleet, take_drop
 
-__all__ = ['Agent', 'init_device', 'recover', 'apply_bundle', 'watchdog_tick', 'revert', 'run', 'connect', 'take_drop',
+__all__ = ['Agent', 'init_device', 'recover', 'apply_bundle', 'watchdog_tick', 'revert', 'refresh_trust', 'TRUST_CODES', 'run', 'connect', 'take_drop',
            'sync_fleet', 'report_body', 'DeviceDir', 'DeviceConfig', 'AgentState', 'Installed', 'AgentLog', 'PHASES',
            'LOG_LINE', 'read_config', 'read_state', 'TrustStore', 'TrustedKey', 'Statement', 'Rejected', 'VERDICT_CODES',
            'key_b64', 'sign_statement', 'rotation_statement', 'revocation_statement', 'Verdict', 'assess', 'check_bundle',
            'golden_on_device', 'verdict_code', 'SLOT_NAMES', 'slot_of', 'point_link', 'recover_slots', 'unpack_bundle',
            'Counters', 'WatchdogPolicy', 'write_counters', 'read_counters', 'probe', 'ProbeError', 'DropFolder',
-           'drop_kind', 'PAYLOAD_SUFFIXES', 'STATEMENT_SUFFIX', 'FleetClient', 'FleetLink', 'FleetRefusal', 'PROTOCOL',
+           'drop_kind', 'PAYLOAD_SUFFIXES', 'STATEMENT_SUFFIX', 'FleetClient', 'FleetLink', 'FleetRefusal', 'PROTOCOL', 'download_bundle',
            'device_key', 'device_id_of']

@@ -32,6 +32,8 @@ from ._schema import (BUNDLE_FORMAT_VERSION, CARD_FILE, CARD_HTML_FILE, GOLDEN_D
                                       MANIFEST_FILE, META_FILE, MODEL_FILE, SIGNATURE_FILE, BundleMeta, Contract,
                                       FileEntry, Golden, Latency, Manifest, PrecisionChoice,
                                       PrecisionMeasurement, Provenance, TensorSpec, contract_mismatches)
+from ._reference import (REFERENCE_FILE, REFERENCE_SCHEMA, STAT_NAMES, Summary, compute_reference, load_reference,
+                                         parse_reference, reference_json, summarise)
 from ._verify import BundleInfo, _walk_dir, sign_bundle, verify_bundle
 from ..core import ConfigError, Workspace, atomic_open, atomic_write, parse_model, utc_now
 from ..preprocess import ImageSource, PostprocessSpec, load_image, preprocess
@@ -40,12 +42,13 @@ from ..profiles import Task
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['build_bundle', 'BUNDLE_FORMAT_VERSION', 'MODEL_FILE', 'META_FILE', 'CARD_FILE', 'CARD_HTML_FILE', 'MANIFEST_FILE',
-           'SIGNATURE_FILE', 'GOLDEN_DIR', 'GOLDEN_EXPECTED', 'TensorSpec', 'Contract', 'contract_mismatches',
-           'PrecisionMeasurement', 'PrecisionChoice', 'Latency', 'Provenance', 'Golden', 'BundleMeta', 'FileEntry',
-           'Manifest', 'SIGNING_KEY_ENV', 'TRUSTED_KEYS_ENV', 'public_key_id', 'SigningKeyFiles',
-           'generate_signing_key', 'load_signing_key', 'load_public_keys', 'ModelCard', 'card_html', 'model_card',
-           'sign_bundle', 'BundleInfo', 'verify_bundle']
+__all__ = ['pack_bundle', 'build_bundle', 'BUNDLE_FORMAT_VERSION', 'MODEL_FILE', 'META_FILE', 'CARD_FILE', 'CARD_HTML_FILE',
+           'MANIFEST_FILE', 'SIGNATURE_FILE', 'GOLDEN_DIR', 'GOLDEN_EXPECTED', 'TensorSpec', 'Contract',
+           'contract_mismatches', 'PrecisionMeasurement', 'PrecisionChoice', 'Latency', 'Provenance', 'Golden',
+           'BundleMeta', 'FileEntry', 'Manifest', 'SIGNING_KEY_ENV', 'TRUSTED_KEYS_ENV', 'public_key_id',
+           'SigningKeyFiles', 'generate_signing_key', 'load_signing_key', 'load_public_keys', 'ModelCard', 'card_html',
+           'model_card', 'sign_bundle', 'BundleInfo', 'verify_bundle', 'REFERENCE_FILE', 'REFERENCE_SCHEMA',
+           'STAT_NAMES', 'Summary', 'summarise', 'compute_reference', 'parse_reference', 'load_reference']
 
 # %% ../../nbs/09_bundle.ipynb #d131a29b
 _all_ = ['BUNDLE_FORMAT_VERSION', 'MODEL_FILE', 'META_FILE', 'CARD_FILE', 'CARD_HTML_FILE', 'MANIFEST_FILE',
@@ -53,7 +56,8 @@ _all_ = ['BUNDLE_FORMAT_VERSION', 'MODEL_FILE', 'META_FILE', 'CARD_FILE', 'CARD_
          'PrecisionMeasurement', 'PrecisionChoice', 'Latency', 'Provenance', 'Golden', 'BundleMeta', 'FileEntry',
          'Manifest', 'SIGNING_KEY_ENV', 'TRUSTED_KEYS_ENV', 'public_key_id', 'SigningKeyFiles', 'generate_signing_key',
          'load_signing_key', 'load_public_keys', 'ModelCard', 'card_html', 'model_card', 'sign_bundle', 'BundleInfo',
-         'verify_bundle']
+         'verify_bundle', 'REFERENCE_FILE', 'REFERENCE_SCHEMA', 'STAT_NAMES', 'Summary', 'summarise',
+         'compute_reference', 'parse_reference', 'load_reference']
 
 # %% ../../nbs/09_bundle.ipynb #70f54a1c
 def _contract_with(contract: Contract | Mapping[str, Any], postprocessing: PostprocessSpec | Mapping[str, Any] | None) -> Contract:
@@ -131,8 +135,12 @@ def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 # %% ../../nbs/09_bundle.ipynb #85750362
-def _write_tar(src: Path, out: Path) -> None:
-    "Pack `src`'s files into `out` (.tar, .tar.gz or .tgz) with sorted names, zero times and neutral owners."
+def pack_bundle(folder: str | os.PathLike,  # a bundle folder
+                archive: str | os.PathLike,  # the archive to write: .tar, .tar.gz or .tgz
+               ) -> Path:
+    "Pack a bundle folder into one archive, atomically, with sorted names, zero times and neutral owners (same files, same bytes)."
+    src, out = Path(folder), Path(archive)
+    if not src.is_dir(): raise ConfigError(f"{src} is not a bundle folder")
     with atomic_open(out, 'wb') as f:
         with contextlib.ExitStack() as stack:
             fobj = stack.enter_context(gzip.GzipFile(filename='', mode='wb', fileobj=f, mtime=0)) \
@@ -142,11 +150,12 @@ def _write_tar(src: Path, out: Path) -> None:
                 ti = tarfile.TarInfo(name)
                 ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, '', ''
                 with open(src/name, 'rb') as fh: tar.addfile(ti, fh)
+    return out
 
 # %% ../../nbs/09_bundle.ipynb #652cdda9
 def _install(staging: Path, out: Path) -> None:
     "Put a finished staging folder at `out`: packed into the archive, or renamed in place of any old bundle."
-    if out.name.endswith(('.tar', '.tar.gz', '.tgz')): return _write_tar(staging, out)
+    if out.name.endswith(('.tar', '.tar.gz', '.tgz')): pack_bundle(staging, out); return
     old = out.with_name(f'.{out.name}.old-{os.getpid()}') if out.exists() else None
     if old: out.rename(old)
     staging.rename(out)
@@ -191,6 +200,8 @@ def build_bundle(out: str | os.PathLike,  # bundle folder, or archive ending .ta
                  min_ort_version: str | None = None,  # default: from the opset
                  created_at: str | None = None,  # ISO time (default now, UTC)
                  overwrite: bool = False,  # replace an existing bundle at `out`
+                 reference_images: Sequence[ImageSource] = (),  # evaluation images whose statistics `reference.json` keeps for monitoring
+                 reference_source: Mapping[str, Any] | None = None,  # where they came from (dataset version, split)
                 ) -> Path:
     "Write a signed bundle for `model` to `out`, atomically; return its path."
     import onnxruntime as ort
@@ -217,8 +228,10 @@ def build_bundle(out: str | os.PathLike,  # bundle folder, or archive ending .ta
         _log.warning("no golden image has a detection scoring %.2f or more: the golden check will only compare empty results",
                      contract.postprocessing.score_threshold)
     card = model_card(meta, card_notes)
+    ref = {REFERENCE_FILE: reference_json(compute_reference(session, contract, task, list(labels), reference_images, reference_source))
+           } if reference_images else {}
     _write_signed(out, {MODEL_FILE: data, META_FILE: json.dumps(meta.model_dump(mode='json'), indent=2) + '\n',
                         CARD_FILE: card.markdown(), CARD_HTML_FILE: card.html(), GOLDEN_EXPECTED: _npz_bytes(expected),
-                        **{n: content for n, (content, _) in zip(golden_names, golden)}}, skey)
+                        **{n: content for n, (content, _) in zip(golden_names, golden)}, **ref}, skey)
     _log.info("wrote bundle %s (%s %s, %s, signed by %s)", out, name, version, task, public_key_id(skey))
     return out

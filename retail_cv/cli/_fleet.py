@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 
 from ._app import app, console, err_console, print_json, table, workspace
-from ..core import ConfigError, RetailCVError
+from ..core import ConfigError, RetailCVError, atomic_write
 
 # %% auto #0
 __all__ = ['FLEET_URL_ENV', 'FLEET_TOKEN_ENV', 'FLEET_TOKEN_KEYS_ENV', 'FLEET_SIGNING_KEY_ENV', 'fleet_app', 'FleetClient',
@@ -39,8 +39,10 @@ class FleetClient:
         if not token: raise ConfigError(f"no admin token: set ${FLEET_TOKEN_ENV} or pass --token-file (retail-cv fleet admin-token)")
         self.headers = {'Authorization': f'Bearer {token}'}
 
-    def __call__(self, method: str, path: str, **kw) -> Any:
-        "The JSON answer of one call; a refusal as a `RetailCVError` with the server's reason."
+    def __call__(self, method: str, path: str,
+                 text: bool = False,  # return the answer's text (an HTML page), not its JSON
+                 **kw) -> Any:
+        "The JSON (or text) answer of one call; a refusal as a `RetailCVError` with the server's reason."
         import httpx
         try: r = httpx.request(method, self.server + path, headers=self.headers, timeout=60, **kw)
         except httpx.HTTPError as e: raise RetailCVError(f"fleet server {self.server} cannot be reached: {e}") from None
@@ -48,7 +50,7 @@ class FleetClient:
             try: body = r.json(); why = f"{body.get('error')}: {body.get('detail')}"
             except ValueError: why = r.text[:300]
             raise RetailCVError(f"fleet server refused {method} {path} ({r.status_code} {why})")
-        return r.json() if r.content else None
+        return r.text if text else r.json() if r.content else None
 
 # %% ../../nbs/98c_cli_fleet.ipynb #2ceaf749
 _SERVER = typer.Option(None, '--server', help=f"Fleet server URL (default: ${FLEET_URL_ENV}, else http://127.0.0.1:8090)")
@@ -82,12 +84,12 @@ def fleet_serve(ctx: typer.Context,
 def fleet_admin_token(subject: str = typer.Argument(..., help="Who the token is for (recorded as the actor of every action)"),
                       key: Optional[Path] = typer.Option(None, help=f"Issuer private key (PEM; default: ${FLEET_SIGNING_KEY_ENV})"),
                       ttl_days: float = typer.Option(1, help="Lifetime in days")):
-    "Issue a fleet admin token (scope admin); print it, keep it secret."
+    "Issue a fleet admin token (scope fleet:admin); print it, keep it secret."
     from retail_cv.bundle import load_signing_key
     from retail_cv.credentials import issue_token
     source = key or os.environ.get(FLEET_SIGNING_KEY_ENV)
     if not source: raise ConfigError(f"no issuer key: pass --key or set ${FLEET_SIGNING_KEY_ENV}")
-    typer.echo(issue_token(load_signing_key(source), subject, ['admin'], int(ttl_days * 86400)))
+    typer.echo(issue_token(load_signing_key(source), subject, ['fleet:admin'], int(ttl_days * 86400)))
 
 # %% ../../nbs/98c_cli_fleet.ipynb #a1bb312c
 @fleet_app.command('enrol-token')
@@ -183,8 +185,12 @@ def fleet_revoke(device_id: str, reason: str = typer.Option(..., help="Why, for 
 @fleet_app.command('status')
 def fleet_status(as_json: bool = typer.Option(False, '--json', help="Print as JSON"),
                  devices: bool = typer.Option(False, '--devices', help="List every device too"),
+                 html: Optional[Path] = typer.Option(None, '--html', help="Write the server's fleet page to this file, to open in a browser"),
                  server: Optional[str] = _SERVER, token_file: Optional[Path] = _TOKEN_FILE):
     "The fleet: releases, devices by running version and health, rollouts and their stages."
+    if html is not None:  # the page needs the admin token, which a browser cannot send: fetch it here, write a file
+        atomic_write(html, FleetClient(server, token_file)('GET', '/fleet', text=True))
+        err_console.print(f"wrote the fleet page to {html}", highlight=False); return
     st = FleetClient(server, token_file)('GET', '/v1/admin/status', params={'devices': devices})
     if as_json: print_json(st); return
     console.print(table('releases', 'model', 'release', 'devices by running version', rows=[

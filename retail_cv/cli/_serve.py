@@ -15,13 +15,13 @@ import typer
 
 from ._app import app, err_console, workspace
 from ..core import ConfigError
+from ..credentials import TOKEN_KEYS_ENV
 
 # %% auto #0
-__all__ = ['TOKEN_KEYS_ENV', 'TOKEN_SIGNING_KEY_ENV', 'log_app', 'token_keys', 'resolve_bundle', 'registry_bundle',
-           'serve_command', 'serve_token', 'log_prune', 'log_delete_store']
+__all__ = ['TOKEN_SIGNING_KEY_ENV', 'log_app', 'token_keys', 'resolve_bundle', 'registry_bundle', 'serve_command', 'serve_token',
+           'log_prune', 'log_delete_store']
 
 # %% ../../nbs/98b_cli_serve.ipynb #ec3944b5
-TOKEN_KEYS_ENV = 'RETAIL_CV_TOKEN_KEYS'  # public key files of the token issuer, separated by os.pathsep
 TOKEN_SIGNING_KEY_ENV = 'RETAIL_CV_TOKEN_SIGNING_KEY'  # the issuer's private key file
 
 def token_keys(given: Optional[list[Path]],  # --token-keys

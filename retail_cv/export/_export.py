@@ -223,6 +223,7 @@ def export(model: Any,  # checkpoint, training module, or Classifier/Detector
            license: str = 'proprietary',  # licence written into the bundle
            card_notes: str = '',  # extra Markdown for the model card
            overwrite: bool = True,  # replace an earlier bundle of the same (name, version, profile)
+           reference_images: int = 300,  # evaluation images whose statistics the bundle keeps for monitoring (`reference.json`); 0: none
            **overrides: Any,  # ExportConfig fields
           ) -> ExportResult:
     "Export, gate, quantise, measure on the profile, and build the signed bundle."
@@ -266,7 +267,9 @@ def export(model: Any,  # checkpoint, training module, or Classifier/Detector
                           metrics=shipped.metrics, latency=lat[chosen], precision=choice,
                           provenance={'dataset_version': _training_data(m) or sp.ref, 'run_id': m.run_dir.name if m.run_dir else None,
                                       'git_commit': git['commit'], 'git_dirty': git['dirty']},
-                          license=license, card_notes=_card_text(sp, parity, notes, card_notes), overwrite=overwrite)
+                          license=license, card_notes=_card_text(sp, parity, notes, card_notes), overwrite=overwrite,
+                          reference_images=[sp.read(k) for k in _spread(len(sp), reference_images)] if reference_images else (),
+                          reference_source={'dataset_version': sp.ref, 'split': sp.split})
     result = ExportResult(bundle, prof.name, name, version, m.task, files, parity, choice, shipped.metrics, lat[chosen], evals,
                           notes, report_path, timings, new_key)
     atomic_write(report_path, json.dumps(result.to_dict(), indent=1, default=str) + '\n')

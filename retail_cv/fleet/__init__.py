@@ -9,7 +9,7 @@ __all__ = []
 
 # %% ../../nbs/60_fleet.ipynb #f8873bac
 from ._app import create_app, fleet_page
-from ._audit import SERVER, Auditor, FleetRegistry
+from ._audit import SERVER, Auditor
 from ._auth import ADMIN_SCOPE, AdminAuth
 from ._bundles import Published, parse_range, publish_bundle
 from ._fleet import Fleet
@@ -28,5 +28,5 @@ __all__ = ['Fleet', 'FleetConfig', 'FleetServer', 'serve', 'create_app', 'fleet_
            'StateResponse', 'Desired', 'BundleRef', 'Report', 'ReportBody', 'RunningRef', 'ReportAck', 'ErrorResponse',
            'device_id_for', 'public_key_text', 'sign_doc', 'verify_doc', 'signed_headers', 'RolloutPlan', 'parse_duration',
            'canary_order', 'in_window', 'EnrolmentTokenIn', 'EnrolmentTokenOut', 'RolloutIn', 'RolloutOut', 'StageOut',
-           'ActionIn', 'DeviceOut', 'FleetStatus', 'Database', 'StoreError', 'SCHEMA_VERSION', 'Auditor', 'FleetRegistry',
-           'SERVER', 'AdminAuth', 'ADMIN_SCOPE', 'publish_bundle', 'parse_range', 'Published']
+           'ActionIn', 'DeviceOut', 'FleetStatus', 'Database', 'StoreError', 'SCHEMA_VERSION', 'Auditor', 'SERVER',
+           'AdminAuth', 'ADMIN_SCOPE', 'publish_bundle', 'parse_range', 'Published']

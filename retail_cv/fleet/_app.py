@@ -11,6 +11,7 @@ import contextlib
 import html
 import logging
 import threading
+import time
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -101,7 +102,7 @@ def admin(fleet: Fleet, authorization: str | None, request: Request) -> Identity
 
 # %% ../../nbs/60k_fleet_app.ipynb #0101e85a
 def add_admin_routes(app: FastAPI, fleet: Fleet) -> None:
-    "Enrolment tokens, rollouts and their actions, device revocation, fleet status (bearer token with scope admin)."
+    "Enrolment tokens, rollouts and their actions, device revocation, fleet status (bearer token with scope fleet:admin)."
     auth = dict(responses=ERRORS, tags=['admin'])
     @app.post('/v1/admin/enrolment-tokens', response_model=EnrolmentTokenOut, status_code=201, **auth)
     def enrolment_token(req: EnrolmentTokenIn, request: Request, authorization: str | None = Header(None)) -> EnrolmentTokenOut:
@@ -165,7 +166,8 @@ def fleet_page(status: FleetStatus, audit: list[dict]) -> str:
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>retail-cv fleet</title><style>body{{font-family:sans-serif;margin:2em}}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}.bar{display:inline-block;width:120px;height:10px;"
             "background:#eee}.bar div{height:10px;background:#2a2}.failed,.aborted{color:#c00}.completed{color:#080}</style></head><body>"
-            f"<h1>Fleet</h1><p>{status.devices} devices; health {health or 'none reported'}</p>"
+            f"<h1>Fleet</h1><p>As of {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(status.server_time))}: "
+            f"{status.devices} devices; health {health or 'none reported'}</p>"
             f"<h2>Releases</h2><table><tr><th>model</th><th>release</th><th>devices by running version</th></tr>{''.join(rows)}</table>"
             f"<h2>Rollouts</h2>{''.join(ro_html) or '<p>none</p>'}"
             f"<h2>Recent actions</h2><table><tr><th>time</th><th>actor</th><th>action</th><th>target</th><th>outcome</th><th>reason</th></tr>{log}</table></body></html>")
@@ -194,7 +196,7 @@ def create_app(config: FleetConfig,  # database, bundle folder, registry, keys, 
 
     @app.get('/fleet', response_class=HTMLResponse, responses=ERRORS, tags=['admin'])
     def page(request: Request, authorization: str | None = Header(None)):
-        "The fleet page: releases, devices by version and health, rollout progress (bearer token with scope admin)."
+        "The fleet page: releases, devices by version and health, rollout progress (bearer token with scope fleet:admin)."
         admin(fleet, authorization, request)
         return HTMLResponse(fleet_page(fleet.status(), fleet.audit.entries(30)))
 

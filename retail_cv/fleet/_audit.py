@@ -15,12 +15,11 @@ from typing import Any, Mapping
 from ..core import utc_now
 from ._store import Database
 from ..registry import Identity, Registry
-from ..registry._audit import _append
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['SERVER', 'device_identity', 'FleetRegistry', 'Auditor']
+__all__ = ['SERVER', 'device_identity', 'Auditor']
 
 # %% ../../nbs/60c_fleet_audit.ipynb #b9301d3f
 SERVER = Identity('fleet-server', 'service', 'local')  # the server's own decisions: stages advanced, rollouts halted
@@ -30,19 +29,10 @@ def device_identity(device_id: str | None) -> Identity:
     "The identity of a device request (its key signs it); 'unknown' before the device is known."
     return Identity(device_id or 'unknown', 'device', 'device key')
 
-# %% ../../nbs/60c_fleet_audit.ipynb #98dd0a78
-class FleetRegistry(Registry):
-    "The registry, as the fleet server reads versions, aliases and bundles from it and writes fleet entries into its audit log."
-    def record(self, who: Identity,  # the actor of the entry (not the server's registry session)
-               action: str, target: str, details: Mapping[str, Any], reason: str = '', outcome: str = 'ok') -> None:
-        "Append one fleet entry to the audit chain (the server's session needs the viewer role)."
-        with self._op(action, target, 'viewer', reason, details=details) as (db, _):
-            _append(db, who, action, target, details, reason, outcome)
-
 # %% ../../nbs/60c_fleet_audit.ipynb #50dff1d9
 class Auditor:
     "Where fleet actions and refusals go: the registry's audit log, else the fleet store's `audit` table."
-    def __init__(self, db: Database, registry: FleetRegistry | None = None):
+    def __init__(self, db: Database, registry: Registry | None = None):
         self.db, self.registry = db, registry
 
     def record(self, who: Identity, action: str, target: str, details: Mapping[str, Any] | None = None,
@@ -50,7 +40,7 @@ class Auditor:
         "Record one action (outcome 'ok', 'denied', 'failed') with its actor."
         details = dict(details or {})
         if self.registry is not None:
-            self.registry.record(who, action, target, details, reason, outcome)
+            self.registry.record(action, target, details, reason, outcome, actor=who)
         else:
             with self.db.tx() as t:
                 t.run('INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)',

@@ -1,4 +1,4 @@
-"""Who may do what: admins with `retail_cv.credentials` bearer tokens (scope `admin`, checked locally against the issuer keys and the revocation list), devices with enrolment tokens once and their own Ed25519 key afterwards.
+"""Who may do what: admins with `retail_cv.credentials` bearer tokens (scope `fleet:admin`, checked locally against the issuer keys and the revocation list), devices with enrolment tokens once and their own Ed25519 key afterwards.
 
 Docs: https://retail-cv.github.io/retail_cv/fleet_auth.html.md"""
 
@@ -22,10 +22,10 @@ __all__ = ['ADMIN_SCOPE', 'ENROL_PREFIX', 'AdminAuth', 'new_enrolment_token', 'c
            'check_device', 'check_signature', 'check_seq']
 
 # %% ../../nbs/60d_fleet_auth.ipynb #f7b02a27
-ADMIN_SCOPE = 'admin'  # the credentials scope fleet admin actions need
+ADMIN_SCOPE = 'fleet:admin'  # the credentials scope fleet admin actions need (a token with 'admin' has every scope)
 
 class AdminAuth:
-    "Checks admin bearer tokens locally: the issuer's pinned public keys, expiry, the revocation list, scope `admin`."
+    "Checks admin bearer tokens locally: the issuer's pinned public keys, expiry, the revocation list, scope `fleet:admin`."
     def __init__(self, keys: Any,  # issuer public keys (see `bundle.load_public_keys`); None: admin calls are refused
                  revocations: Any = None,  # revocation list file, re-read when it changes
                 ):

@@ -11,24 +11,25 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..bundle import load_public_keys
 from ..core import ConfigError, DataError, IntegrityError, RetailCVError, Workspace
-from ._audit import SERVER, Auditor, FleetRegistry
+from ._audit import SERVER, Auditor
 from ._auth import AdminAuth
 from ._bundles import publish_bundle
-from ._protocol import BundleRef, Desired, FleetError, RolloutRef
+from ._protocol import BundleRef, Desired, FleetError, RolloutRef, StateResponse
 from ._rollouts import RolloutPlan, in_window
 from ._schemas import FleetConfig
 from ._store import Database, Tx
-from ..registry import Identity, ModelVersion, RegistryError
+from ..registry import Identity, ModelVersion, Registry, RegistryError
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['refusal', 'plan_of', 'FleetBase']
+__all__ = ['VIEW_TABLES', 'VIEW_TTL_S', 'refusal', 'plan_of', 'ModelView', 'FleetBase']
 
 # %% ../../nbs/60h_fleet_base.ipynb #57af3f2f
 def refusal(e: RetailCVError) -> FleetError:
@@ -43,6 +44,38 @@ def plan_of(row: Mapping[str, Any], stages: list[int]) -> RolloutPlan:
     return RolloutPlan(stages=stages, min_healthy=row['min_healthy'], soak_s=row['soak_s'], max_error_rate=row['max_error_rate'],
                        stage_timeout_s=row['stage_timeout_s'], windows=json.loads(row.get('windows') or '{}'))
 
+# %% ../../nbs/60h_fleet_base.ipynb #5c1e7a11
+VIEW_TABLES = ('releases', 'rollouts', 'rollout_devices', 'bundles')  # what desired states are computed from
+VIEW_TTL_S = 1.0  # the longest a view is used: how late another server process's writes can be seen
+
+@dataclass
+class ModelView:
+    "What a model's desired states come from, read once and shared by every poll until it changes."
+    model: str
+    release: int | None  # the version the fleet runs
+    rollout: dict | None  # the model's newest rollout
+    plan: RolloutPlan | None  # its plan
+    members: dict[str, int]  # device id -> stage, of that rollout (unless it completed)
+    bundles: dict[tuple[int, str], dict]  # (version, profile) -> its published bundle's sha256, size, file
+    stamp: tuple[int, ...]  # `Database.stamp(VIEW_TABLES)` before it was read
+    read_at: float  # `time.monotonic()` then
+    states: dict = field(default_factory=dict)  # (version, profile, source, rollout) -> (Desired, etag)
+
+    def fresh(self, stamp: tuple[int, ...], now: float) -> bool: return stamp == self.stamp and now - self.read_at < VIEW_TTL_S
+
+    def etag(self, desired: Desired | None, poll_interval_s: int) -> str: return StateResponse.etag_of(desired, poll_interval_s)
+
+    def state(self, version: int, profile: str, source: str, rollout: tuple | None, poll_interval_s: int) -> tuple[Desired, str] | None:
+        "The desired state with these facts and its etag (built once per view); None when no bundle is published for it."
+        key = (version, profile, source, rollout)
+        if (got := self.states.get(key)) is None:
+            if (b := self.bundles.get((version, profile))) is None: return None
+            d = Desired(model=self.model, version=version, profile=profile, source=source, rollout=rollout and RolloutRef(id=rollout[0], stage=rollout[1], state=rollout[2]),
+                        bundle=BundleRef(url=f"/v1/bundles/{b['sha256']}", sha256=b['sha256'], size=b['size'],
+                                         format='tar.gz' if b['file'].endswith('.tar.gz') else 'tar'))
+            got = self.states[key] = (d, self.etag(d, poll_interval_s))
+        return got
+
 # %% ../../nbs/60h_fleet_base.ipynb #1383e21a
 class FleetBase:
     "The fleet server's state: database, bundle folder, registry, audit log, admin tokens; releases and desired states."
@@ -53,12 +86,13 @@ class FleetBase:
         self.bundle_dir.mkdir(parents=True, exist_ok=True)
         ws = config.workspace
         self.workspace = None if ws is None else ws if isinstance(ws, Workspace) else Workspace.open(ws)
-        self.registry = FleetRegistry(self.workspace, actor=SERVER.actor) if self.workspace is not None else None
+        self.registry = Registry(self.workspace, actor=SERVER.actor) if self.workspace is not None else None
         if self.registry is not None: self.registry.whoami()  # fail now, not at the first audit entry, when the session may not read it
         self.audit = Auditor(self.db, self.registry)
         self.admins = AdminAuth(config.token_keys, config.revocations)
         self._no_alias: dict[str, float] = {}  # model -> when the registry last had no alias to pin
         self._plans: dict[str, RolloutPlan] = {}  # rollout id -> its plan (plans never change)
+        self._views: dict[str, ModelView] = {}  # model -> what its desired states are computed from
 
     def now(self) -> int: return int(time.time())
 
@@ -75,7 +109,7 @@ class FleetBase:
         "The public keys bundles must be signed with (read again at each publication, so rotated keys apply)."
         return load_public_keys(self.config.trusted_keys, self.workspace)
 
-    def need_registry(self) -> FleetRegistry:
+    def need_registry(self) -> Registry:
         "The registry, or a refusal saying the server runs without one."
         if self.registry is None: raise FleetError(409, 'conflict', "this fleet server has no registry (start it with --workspace)")
         return self.registry
@@ -118,22 +152,33 @@ class FleetBase:
                               f"first release of {model}: the registry's {self.config.alias}")
         return v
 
-    def desired(self, t: Tx, dev: Mapping[str, Any], release: int | None) -> tuple[Desired | None, str]:
-        "What device `dev` should run, and why: its rollout stage's version, or the release (again, after a failed rollout)."
-        model, version, source, ref, why = dev['model'], release, 'release', None, f"release {release}"
-        ro = t.one('SELECT * FROM rollouts WHERE model = ? ORDER BY created_at DESC, id DESC LIMIT 1', (model,))
-        member = ro and t.one('SELECT stage FROM rollout_devices WHERE rollout_id = ? AND device_id = ?', (ro['id'], dev['id']))
-        if member and ro['state'] in ('active', 'paused'):
-            window = self.plan(t, ro).window(dev['store'])
+    def view(self, model: str) -> ModelView:
+        "What the model's desired states come from: read again when this process wrote to it, or after `VIEW_TTL_S`."
+        stamp, now = self.db.stamp(VIEW_TABLES), time.monotonic()  # before reading: a write during the read makes it stale
+        if (v := self._views.get(model)) is not None and v.fresh(stamp, now): return v
+        release = self.release(model)
+        with self.db.tx(write=False) as t:
+            ro = t.one('SELECT * FROM rollouts WHERE model = ? ORDER BY created_at DESC, id DESC LIMIT 1', (model,))
+            members = {r['device_id']: r['stage'] for r in t.all('SELECT device_id, stage FROM rollout_devices WHERE rollout_id = ?',
+                                                                (ro['id'],))} if ro and ro['state'] != 'completed' else {}
+            bundles = {(b['version'], b['profile']): b for b in t.all('SELECT version, profile, sha256, size, file FROM bundles WHERE model = ?', (model,))}
+            v = ModelView(model, release, ro, self.plan(t, ro) if ro else None, members, bundles, stamp, now)
+        if release is not None: self._views[model] = v  # before the first release, the registry is asked again each time
+        return v
+
+    def desired(self, dev: Mapping[str, Any], view: ModelView) -> tuple[Desired | None, str, str]:
+        "What device `dev` should run, why, and the etag: its rollout stage's version, or the release (again, after a failed rollout)."
+        version, source, ref, why, ro = view.release, 'release', None, f"release {view.release}", view.rollout
+        stage = view.members.get(dev['id'])
+        if stage is not None and ro['state'] in ('active', 'paused'):
+            window = view.plan.window(dev['store'])
             if window and not in_window(window, self.now()) and dev['running_version'] != ro['version']:
-                why = f"rollout {ro['id']}: waiting for the store window {window} UTC; release {release} until then"
-            else: version, source, why = ro['version'], 'rollout', f"rollout {ro['id']} stage {member['stage']}"
-            ref = RolloutRef(id=ro['id'], stage=ro['stage'], state=ro['state'])
-        elif member and ro['state'] in ('failed', 'aborted'):
-            source, ref, why = 'rollback', RolloutRef(id=ro['id'], stage=ro['stage'], state=ro['state']), f"rollout {ro['id']} {ro['state']}: {ro['reason']}"
-        if version is None: return None, f"nothing released of {model} yet (the registry has no {self.config.alias})"
-        b = t.one('SELECT sha256, size, file FROM bundles WHERE model = ? AND version = ? AND profile = ?', (model, version, dev['profile']))
-        if b is None: return None, f"{model}:{version} has no published bundle for profile {dev['profile']}"
-        fmt = 'tar.gz' if b['file'].endswith('.tar.gz') else 'tar'
-        return Desired(model=model, version=version, profile=dev['profile'], source=source, rollout=ref,
-                       bundle=BundleRef(url=f"/v1/bundles/{b['sha256']}", sha256=b['sha256'], size=b['size'], format=fmt)), why
+                why = f"rollout {ro['id']}: waiting for the store window {window} UTC; release {view.release} until then"
+            else: version, source, why = ro['version'], 'rollout', f"rollout {ro['id']} stage {stage}"
+            ref = (ro['id'], ro['stage'], ro['state'])
+        elif stage is not None and ro['state'] in ('failed', 'aborted'):
+            source, ref, why = 'rollback', (ro['id'], ro['stage'], ro['state']), f"rollout {ro['id']} {ro['state']}: {ro['reason']}"
+        if version is None: return None, f"nothing released of {view.model} yet (the registry has no {self.config.alias})", view.etag(None, self.config.poll_interval_s)
+        d = view.state(version, dev['profile'], source, ref, self.config.poll_interval_s)
+        if d is None: return None, f"{view.model}:{version} has no published bundle for profile {dev['profile']}", view.etag(None, self.config.poll_interval_s)
+        return d[0], why, d[1]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..bundle import BundleInfo, _write_tar, verify_bundle
+from ..bundle import BundleInfo, pack_bundle, verify_bundle
 from ..core import IntegrityError, sha256_file
 from ._protocol import FleetError
 
@@ -56,7 +56,7 @@ def publish_bundle(src: str | os.PathLike,  # a bundle folder or archive, as the
     tmp = Path(tempfile.mkdtemp(prefix='.publish-', dir=folder))
     try:
         packed = tmp/'bundle.tar'
-        if src.is_dir(): _write_tar(src, packed)
+        if src.is_dir(): pack_bundle(src, packed)
         else: shutil.copyfile(src, packed)
         sha, fmt = sha256_file(packed), _format(packed)
         final = folder/f"{sha}.{fmt}"

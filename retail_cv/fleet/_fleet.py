@@ -108,10 +108,9 @@ class Fleet(FleetControl):
             with self.audited(device_identity(dev['id']), 'fleet.poll', path_id):
                 raise FleetError(403, 'forbidden', f"device {dev['id']} may not read the state of {path_id}")
         self.maybe_evaluate(dev['model'])
-        release = self.release(dev['model'])
-        with self.db.tx(write=False) as t: desired, why = self.desired(t, dev, release)
-        return StateResponse(device_id=dev['id'], etag=StateResponse.etag_of(desired, self.config.poll_interval_s),
-                             poll_interval_s=self.config.poll_interval_s, server_time=self.now(), desired=desired, reason=why)
+        desired, why, etag = self.desired(dev, self.view(dev['model']))
+        return StateResponse(device_id=dev['id'], etag=etag, poll_interval_s=self.config.poll_interval_s, server_time=self.now(),
+                             desired=desired, reason=why)
 
     def bundle_file(self, dev: Mapping[str, Any], sha256: str) -> tuple[Path, dict[str, Any]]:
         "The archive a device may download: a published bundle for its own profile."

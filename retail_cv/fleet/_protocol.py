@@ -7,8 +7,7 @@ Docs: https://retail-cv.github.io/retail_cv/fleet_protocol.html.md"""
 # %% ../../nbs/60a_fleet_protocol.ipynb #52807f10
 from __future__ import annotations
 
-import base64
-import binascii
+import functools
 import time
 from typing import Any, Literal, Mapping
 
@@ -17,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core import RetailCVError, canonical_json, sha256_bytes
+from ..core import DataError, RetailCVError, b64url, canonical_json, from_b64url, sha256_bytes
 
 # %% auto #0
 __all__ = ['PROTOCOL', 'SKEW_S', 'NAME', 'MODEL', 'SHA256', 'DEVICE_ID', 'DEVICE_HEADER', 'TIME_HEADER', 'SIGNATURE_HEADER',
-           'Labels', 'PHASES', 'EVENTS', 'FleetError', 'b64url', 'from_b64url', 'public_key_text', 'read_public_key',
+           'Labels', 'PHASES', 'EVENTS', 'FleetError', 'b64url_field', 'public_key_text', 'read_public_key',
            'device_id_for', 'sign_doc', 'verify_doc', 'request_doc', 'signed_headers', 'EnrolRequest', 'EnrolResponse',
            'BundleRef', 'RolloutRef', 'Desired', 'StateResponse', 'RunningRef', 'ReportBody', 'Report', 'ReportAck',
            'ErrorResponse']
@@ -46,17 +45,13 @@ class FleetError(RetailCVError):
         return {'protocol': PROTOCOL, 'error': self.code, 'detail': self.detail,
                 'server_time': int(time.time() if now is None else now), **self.extra}
 
-# %% ../../nbs/60a_fleet_protocol.ipynb #0ac27b08
-def b64url(data: bytes) -> str:
-    "base64url without padding."
-    return base64.urlsafe_b64encode(data).rstrip(b'=').decode()
-
 # %% ../../nbs/60a_fleet_protocol.ipynb #9176e9a4
-def from_b64url(text: Any, what: str) -> bytes:
-    "The bytes of base64url `text` (padding optional), or a 400 naming `what`."
-    if not isinstance(text, str): raise FleetError(400, 'bad_request', f"{what} must be a base64url string")
-    try: return base64.b64decode(text + '=' * (-len(text) % 4), altchars=b'-_', validate=True)
-    except (binascii.Error, ValueError): raise FleetError(400, 'bad_request', f"{what} is not valid base64url") from None
+def b64url_field(text: Any,  # a base64url field of a request (`core.from_b64url`)
+                 what: str,  # its name, for the refusal
+                ) -> bytes:
+    "The bytes of a base64url request field, or a 400 naming it."
+    try: return from_b64url(text, what)
+    except DataError as e: raise FleetError(400, 'bad_request', str(e)) from None
 
 # %% ../../nbs/60a_fleet_protocol.ipynb #1539e619
 def public_key_text(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
@@ -65,16 +60,17 @@ def public_key_text(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     return b64url(pub.public_bytes(Encoding.Raw, PublicFormat.Raw))
 
 # %% ../../nbs/60a_fleet_protocol.ipynb #ddbdfd3a
+@functools.lru_cache(maxsize=1 << 16)  # a device's key is read on every signed request it sends
 def read_public_key(text: Any) -> Ed25519PublicKey:
     "The Ed25519 public key in base64url `text`, or a 400."
-    raw = from_b64url(text, 'public_key')
+    raw = b64url_field(text, 'public_key')
     if len(raw) != 32: raise FleetError(400, 'bad_request', f"public_key must be 32 raw Ed25519 bytes, got {len(raw)}")
     return Ed25519PublicKey.from_public_bytes(raw)
 
 # %% ../../nbs/60a_fleet_protocol.ipynb #f8877b92
 def device_id_for(public_key: str) -> str:
     "The device id of a public key (base64url): 'd-' and the first 24 hex digits of sha256 of its raw bytes."
-    return 'd-' + sha256_bytes(from_b64url(public_key, 'public_key'))[:24]
+    return 'd-' + sha256_bytes(b64url_field(public_key, 'public_key'))[:24]
 
 # %% ../../nbs/60a_fleet_protocol.ipynb #7a7aacda
 def sign_doc(key: Ed25519PrivateKey, doc: Mapping[str, Any]) -> str:
@@ -84,7 +80,7 @@ def sign_doc(key: Ed25519PrivateKey, doc: Mapping[str, Any]) -> str:
 # %% ../../nbs/60a_fleet_protocol.ipynb #291c0bf3
 def verify_doc(public: Ed25519PublicKey, doc: Mapping[str, Any], signature: Any) -> bool:
     "Whether `signature` (base64url) signs `doc`'s canonical JSON with `public`."
-    try: raw = from_b64url(signature, 'signature')
+    try: raw = b64url_field(signature, 'signature')
     except FleetError: return False
     try: public.verify(raw, canonical_json(dict(doc)))
     except (InvalidSignature, ValueError, TypeError): return False

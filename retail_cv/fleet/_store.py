@@ -8,6 +8,7 @@ Docs: https://retail-cv.github.io/retail_cv/fleet_store.html.md"""
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 import time
@@ -65,14 +66,18 @@ MIGRATIONS: list[list[str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)  # the newest fleet schema this code reads and writes
 
 # %% ../../nbs/60b_fleet_store.ipynb #b201efd4
+_WRITE = re.compile(r'\s*(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM)\s+(\w+)', re.IGNORECASE)
+
 class Tx:
-    "Statements inside one transaction; rows as dicts."
+    "Statements inside one transaction; rows as dicts; the tables it wrote to."
     def __init__(self, cursor: Any, postgres: bool):
         self.cursor, self.postgres = cursor, postgres
         self.for_update = ' FOR UPDATE' if postgres else ''
+        self.wrote: set[str] = set()  # tables this transaction inserted into, updated or deleted from
 
     def run(self, sql: str, args: Sequence[Any] = ()) -> int:
         "Execute one statement; the number of rows it changed."
+        if (m := _WRITE.match(sql)) is not None: self.wrote.add(m[1].lower())
         self.cursor.execute(sql.replace('?', '%s') if self.postgres else sql, tuple(args))
         return self.cursor.rowcount
 
@@ -135,6 +140,7 @@ class Database:
                  upto: int | None = None,  # apply migrations only up to this number (tests of upgrades)
                 ):
         self.url, self._local, self._pool = str(url), threading.local(), None
+        self._changes, self._lock = {}, threading.Lock()  # table -> commits of this process that wrote to it
         self.postgres = self.url.startswith(('postgresql://', 'postgres://'))
         if self.postgres: self._pool = _pg_pool(self.url)
         else:
@@ -149,15 +155,27 @@ class Database:
         "One transaction: committed when the block ends, rolled back when it raises."
         if self.postgres:
             with self._pg_tx() as t: yield t
+            self._changed(t.wrote)
             return
         con = self._sqlite()
         con.execute('BEGIN IMMEDIATE' if write else 'BEGIN')
         try:
-            yield Tx(con.cursor(), False)
+            yield (t := Tx(con.cursor(), False))
             con.execute('COMMIT')
         except BaseException:
             if con.in_transaction: con.execute('ROLLBACK')
             raise
+        self._changed(t.wrote)
+
+    def _changed(self, tables: set[str]) -> None:
+        "Count a committed write to `tables` (after the commit, so a reader who saw the old count reads again)."
+        if not tables: return
+        with self._lock:
+            for name in tables: self._changes[name] = self._changes.get(name, 0) + 1
+
+    def stamp(self, tables: Sequence[str]) -> tuple[int, ...]:
+        "How many committed transactions of this process wrote to each of `tables`: a cache of them is stale when it differs."
+        return tuple(self._changes.get(name, 0) for name in tables)
 
     def _sqlite(self) -> sqlite3.Connection:
         "This thread's SQLite connection."

@@ -14,10 +14,13 @@ import logging
 import os
 import secrets
 import sqlite3
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..core import ConfigError, RetailCVError, Workspace, sha256_bytes, utc_now
+from ..credentials import REVOCATIONS_ENV, TOKEN_KEYS_ENV, TokenClaims, TokenError, TokenVerifier
 from ._audit import (AuditEntry, AuditKeys, AuditReport, Identity, _append, _audit_keys, _commit,
                                        _last_seq, _verify_chain, _verify_signed)
 from ._store import RegistryError, _check_key, _connect, _init_db
@@ -53,22 +56,51 @@ def _os_user() -> str:
     try: return getpass.getuser()
     except Exception: return os.environ.get('USER') or os.environ.get('USERNAME') or 'local'  # containers without a passwd entry
 
+# %% ../../nbs/24_registry_auth.ipynb #c1d3983d
+@dataclass(frozen=True)
+class _Signed:
+    "A signed token as a registry session holds it: its checked claims (never the token) and the verifier for re-checks."
+    claims: TokenClaims | None  # None when the token did not verify
+    verifier: TokenVerifier | None
+    problem: str | None = None  # why it did not verify
+
+    @classmethod
+    def check(cls, token: str, keys: Any, revocations: Any) -> _Signed:
+        "Verify `token` against the issuer `keys` and the `revocations` file."
+        if not keys: return cls(None, None, f"signed tokens need the issuer's public keys: set ${TOKEN_KEYS_ENV} or pass token_keys=")
+        verifier = TokenVerifier(keys, revocations)
+        try: return cls(verifier.verify(token), verifier)
+        except TokenError as e: return cls(None, verifier, str(e))
+
+    def identity(self) -> tuple[Identity, str | None]:
+        "Actor and role from the claims, re-checked for expiry and revocation now."
+        c = self.claims
+        if c is None: return Identity('unknown', 'none', 'signed token'), self.problem
+        auth = f"signed token {c.jti}"
+        if c.exp + self.verifier.leeway_s < time.time(): return Identity(c.sub, 'none', auth), f"token {c.jti} expired"
+        if c.jti in self.verifier.revoked: return Identity(c.sub, 'none', auth), f"token {c.jti} is revoked"
+        if 'admin' in c.scopes: return Identity(c.sub, 'admin', auth), None
+        roles = [s.split(':', 1)[1] for s in c.scopes if s.startswith('registry:')]
+        if not roles: return Identity(c.sub, 'none', auth), f"token {c.jti} of {c.sub!r} has no registry scope (has {', '.join(c.scopes)})"
+        return Identity(c.sub, max(roles, key=_rank), auth), None
+
 # %% ../../nbs/24_registry_auth.ipynb #52e38be0
-def _identify(db: sqlite3.Connection, token_hash: str | None, local_actor: str) -> tuple[Identity, str | None]:
-    "The identity of a session with `token_hash`, and why it may do nothing at all (None when authenticated)."
-    if token_hash is None:
+def _identify(db: sqlite3.Connection, credential: str | _Signed | None, local_actor: str) -> tuple[Identity, str | None]:
+    "The identity of a session holding `credential` (a registry token's hash, a signed token, or none) and why it may do nothing (None: fine)."
+    if isinstance(credential, _Signed): return credential.identity()
+    if credential is None:
         if db.execute('SELECT 1 FROM tokens WHERE revoked_at IS NULL LIMIT 1').fetchone():
             return Identity(local_actor, 'none', 'none'), f"this registry requires a token (tokens exist); set ${TOKEN_ENV} or pass token="
         return Identity(local_actor, 'admin', 'local'), None
-    auth = f"token {token_hash[:12]}"
-    row = db.execute('SELECT actor, role, revoked_at FROM tokens WHERE token_hash = ?', (token_hash,)).fetchone()
+    auth = f"token {credential[:12]}"
+    row = db.execute('SELECT actor, role, revoked_at FROM tokens WHERE token_hash = ?', (credential,)).fetchone()
     if row is None: return Identity('unknown', 'none', auth), f"the token ({auth}) is not known to this registry"
     if row['revoked_at']: return Identity(row['actor'], 'none', auth), f"the token of {row['actor']!r} was revoked at {row['revoked_at']}"
     return Identity(row['actor'], row['role'], auth), None
 
 # %% ../../nbs/24_registry_auth.ipynb #2ba6f116
 @contextlib.contextmanager
-def _guarded(path: Path, token_hash: str | None, local_actor: str, keys: AuditKeys, action: str, target: str, need: str,
+def _guarded(path: Path, credential: str | _Signed | None, local_actor: str, keys: AuditKeys, action: str, target: str, need: str,
              reason: str = '', write: bool = True, details: Mapping[str, Any] | None = None) -> Iterator[tuple[sqlite3.Connection, Identity]]:
     "A transaction as the session's identity, signed with `keys`; below role `need`, audit the denial and raise `PermissionDeniedError`."
     db = _connect(path)
@@ -76,7 +108,7 @@ def _guarded(path: Path, token_hash: str | None, local_actor: str, keys: AuditKe
         db.execute('BEGIN IMMEDIATE' if write else 'BEGIN')
         since = _last_seq(db)  # entries after it are this transaction's, to be signed as it commits
         try:
-            who, problem = _identify(db, token_hash, local_actor)
+            who, problem = _identify(db, credential, local_actor)
             if problem is None and _rank(who.role) < _rank(need):
                 problem = f"{who.role} {who.actor!r} may not {action} {target}: that needs the {need} role or higher"
             if problem is None:
@@ -104,26 +136,34 @@ class _Session:
                  audit_key: Any = None,  # key signing audit heads (file, PEM text or key); default `$RETAIL_CV_AUDIT_KEY`
                  audit_pubkey: Any = None,  # pinned public key(s) `verify` checks; default `$RETAIL_CV_AUDIT_PUBKEY`, else the key's
                  audit_head: str | os.PathLike | None = None,  # newest signed head; default `$RETAIL_CV_AUDIT_HEAD`, else beside the key
+                 token_keys: Any = None,  # issuer public keys for signed tokens (`rcv1.`); default `$RETAIL_CV_TOKEN_KEYS`
+                 revocations: str | os.PathLike | None = None,  # signed tokens' revocation list; default `$RETAIL_CV_TOKEN_REVOCATIONS`
                 ):
         self.ws = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         self.root = self.ws/'registry'
         self.path = self.root/'registry.db'
-        token = token if token is not None else ((os.environ if env is None else env).get(TOKEN_ENV) or None)
+        env = os.environ if env is None else env
+        token = token if token is not None else (env.get(TOKEN_ENV) or None)
         if token is not None and (not isinstance(token, str) or not token.strip()):
             raise ConfigError("the registry token must be a non-empty string")
-        self._token_hash = _token_hash(token.strip()) if token else None  # the token itself is not kept
+        if token and token.strip().startswith('rcv1.'):  # a signed token: checked now, its claims kept, the token not
+            keys = token_keys if token_keys is not None else [p for p in env.get(TOKEN_KEYS_ENV, '').split(os.pathsep) if p]
+            self._credential = _Signed.check(token.strip(), keys, revocations if revocations is not None else env.get(REVOCATIONS_ENV) or None)
+        else: self._credential = _token_hash(token.strip()) if token else None  # the token itself is not kept
         self._local_actor = _check_key(actor, 'actor name') if actor is not None else _os_user()
         self._audit = _audit_keys(self.ws.root, audit_key, audit_pubkey, audit_head, env)  # outside the workspace
         _init_db(self.path)
 
     def __repr__(self) -> str:
-        mode = f"token {self._token_hash[:12]}" if self._token_hash else f"local actor {self._local_actor!r}"
+        c = self._credential
+        mode = (f"signed token of {c.claims.sub!r}" if c.claims else 'an unverified signed token') if isinstance(c, _Signed) else \
+               f"token {c[:12]}" if c else f"local actor {self._local_actor!r}"
         return f"{type(self).__name__}({str(self.path)!r}, {mode})"
 
     def _op(self, action: str, target: str, need: str, reason: str = '', write: bool = True,
             details: Mapping[str, Any] | None = None):
         "`_guarded` transaction as this session."
-        return _guarded(self.path, self._token_hash, self._local_actor, self._audit, action, target, need, reason, write, details)
+        return _guarded(self.path, self._credential, self._local_actor, self._audit, action, target, need, reason, write, details)
 
     def whoami(self) -> Identity:
         "The identity this session acts as (denied, and audited, when it has none)."
@@ -177,7 +217,7 @@ class _Tokens(_Session):
 
 # %% ../../nbs/24_registry_auth.ipynb #bf492fd5
 class _AuditLog(_Session):
-    "Reading and checking the audit log (viewer role)."
+    "Reading and checking the audit log (viewer role); recording what a service did (developer role)."
     def audit(self, limit: int | None = None,  # only the newest `limit` entries
               action: str | None = None,  # only this action
              ) -> list[AuditEntry]:
@@ -197,3 +237,19 @@ class _AuditLog(_Session):
         with self._op('read', 'audit', 'viewer', write=False) as (db, _): rep = _verify_signed(db, self._audit, _verify_chain(db))
         _log.info("%s", rep)  # the caller decides what a broken chain means (the CLI exits 1)
         return rep
+
+    def record(self, action: str,  # what was done, e.g. 'fleet.rollout'
+               target: str,  # what it was done to
+               details: Mapping[str, Any] | None = None,  # JSON-able facts about it
+               reason: str = '',  # why
+               outcome: str = 'ok',  # 'ok', 'denied' or 'failed'
+               actor: Identity | None = None,  # who did it (default: this session), e.g. a device a service answered
+              ) -> int:
+        "Append one entry to the audit chain for an action outside the registry; return its seq (developer role)."
+        if not isinstance(action, str) or not action or not isinstance(target, str):
+            raise ConfigError(f"an audit entry needs an action and a target (strings), got {action!r}, {target!r}")
+        if outcome not in ('ok', 'denied', 'failed'): raise ConfigError(f"outcome must be 'ok', 'denied' or 'failed', got {outcome!r}")
+        details = dict(details or {})
+        with self._op(action, target, 'developer', reason, details=details) as (db, who):
+            by = {} if actor is None or actor == who else {'recorded_by': who.actor}  # the session that wrote it on the actor's behalf
+            return _append(db, actor or who, action, target, {**details, **by}, reason, outcome)

@@ -17,11 +17,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..core import DataError
-from ..preprocess import load_image
+from ..preprocess import image_stats, load_image  # image_stats: what the log keeps of each image
 
 # %% auto #0
 __all__ = ['MAX_BODY_BYTES', 'MAX_IMAGE_PIXELS', 'RAW_IMAGE_TYPES', 'RequestError', 'read_body', 'multipart_files',
-           'image_header', 'decode_image', 'image_stats', 'request_images']
+           'image_header', 'decode_image', 'request_images']
 
 # %% ../../nbs/50a_serve_images.ipynb #e7d71258
 class RequestError(DataError):
@@ -91,14 +91,6 @@ def decode_image(data: bytes,  # the encoded image
     image_header(data, max_pixels)
     try: return load_image(data, name)
     except DataError as e: raise RequestError(400, str(e)) from None  # load_image turns every Pillow failure into one
-
-# %% ../../nbs/50a_serve_images.ipynb #804293fc
-def image_stats(image: Image.Image,  # the decoded RGB image
-               ) -> dict:
-    "Size, and per-channel mean and standard deviation: what monitoring compares, never the pixels themselves."
-    a = np.asarray(image, dtype=np.float32).reshape(-1, 3)
-    return {'width': image.width, 'height': image.height,
-            'mean': [round(float(v), 2) for v in a.mean(0)], 'std': [round(float(v), 2) for v in a.std(0)]}
 
 # %% ../../nbs/50a_serve_images.ipynb #1c23fded
 RAW_IMAGE_TYPES = ('application/octet-stream', 'image/jpeg', 'image/png', 'image/webp', 'image/bmp', 'image/tiff', 'image/gif')
