@@ -113,8 +113,8 @@ class TokenVerifier:
                 ):
         self.keys, self.revoked, self.leeway_s = load_public_keys(public_keys), _Revocations(revocations), leeway_s
 
-    def verify(self, token: str | None) -> TokenClaims:
-        "The claims of a good token, or `TokenError` saying what is wrong."
+    def signed_claims(self, token: str | None) -> TokenClaims:
+        "The claims of a token signed by a pinned key (expiry and revocation not checked), or `TokenError`."
         if not token: raise TokenError("no bearer token: send 'Authorization: Bearer <token>'")
         payload, sig = _decode(token)
         try: claims = TokenClaims.model_validate(json.loads(payload))
@@ -122,9 +122,17 @@ class TokenVerifier:
         if (pub := self.keys.get(claims.kid)) is None: raise TokenError(f"token signed by unknown key {claims.kid!r}")
         try: pub.verify(sig, payload)
         except InvalidSignature: raise TokenError("token signature does not verify") from None
+        return claims
+
+    def check_live(self, claims: TokenClaims) -> TokenClaims:
+        "`claims` if not expired and not revoked now, else `TokenError` (holders of claims re-check on every use)."
         if claims.exp + self.leeway_s < time.time(): raise TokenError(f"token {claims.jti} expired")
         if claims.jti in self.revoked: raise TokenError(f"token {claims.jti} is revoked")
         return claims
+
+    def verify(self, token: str | None) -> TokenClaims:
+        "The claims of a good token, or `TokenError` saying what is wrong."
+        return self.check_live(self.signed_claims(token))
 
     def require(self, token: str | None, scope: str) -> TokenClaims:
         "The claims of a good token allowing `scope`; `TokenError` (401) or `ScopeError` (403)."

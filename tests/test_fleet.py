@@ -380,7 +380,8 @@ def test_pause_resume_abort_and_store_windows(world):
                                                                  'windows': {'store-1': f'{h:02d}:00-{(h + 1) % 24:02d}:00'}}).json()
         rid = r['id']
         assert all(d.desired()['version'] == 1 for d in devs)  # the store's window is closed: nobody switches yet
-        assert 'waiting for the store window' in devs[0].get(f'/v1/devices/{devs[0].id}/state').json()['reason']
+        canary = next(d for d in devs if d.id == canary_order([e.id for e in devs if e.profile == d.profile])[0])  # in stage 0
+        assert 'waiting for the store window' in canary.get(f'/v1/devices/{canary.id}/state').json()['reason']
         assert admin(srv, world, 'POST', f'/v1/admin/rollouts/{rid}/pause', json={'reason': 'inventory day'}).json()['state'] == 'paused'
         assert admin(srv, world, 'POST', f'/v1/admin/rollouts/{rid}/pause', json={'reason': 'x'}).status_code == 409
         assert admin(srv, world, 'POST', f'/v1/admin/rollouts/{rid}/resume', json={'reason': 'done'}).json()['state'] == 'active'

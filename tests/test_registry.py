@@ -481,3 +481,32 @@ def test_cli_round_trip(cli, tmp_path):
     assert r.returncode == 0 and 'intact' in r.stdout
     r = cli('registry', 'audit', '--json', env={'RETAIL_CV_TOKEN': token})
     assert token not in r.stdout and json.loads(r.stdout)[-1]['outcome'] == 'denied'
+
+
+def test_signed_tokens_from_the_one_credential_module_work_on_the_cli(tmp_path):
+    "A central issuer's signed token: its registry scope is the role, revocation bites on the next command, denials audited."
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from retail_cv.credentials import issue_token
+    from conftest import run_cli
+    issuer = Ed25519PrivateKey.generate()
+    pub = tmp_path/'issuer.pub'
+    pub.write_bytes(issuer.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    revoked = tmp_path/'revoked.txt'; revoked.write_text('')
+    ws = tmp_path/'ws'
+    viewer = issue_token(issuer, 'dashboard', ['registry:viewer'])
+    env = {'RETAIL_CV_TOKEN_KEYS': str(pub), 'RETAIL_CV_TOKEN_REVOCATIONS': str(revoked), 'RETAIL_CV_TOKEN': viewer}
+    r = run_cli('-w', ws, 'registry', 'list', env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli('-w', ws, 'registry', 'token', 'list', env=env)
+    assert r.returncode == 1 and "viewer 'dashboard' may not list_tokens tokens: that needs the admin role" in r.stderr, r.stderr
+    jti = json.loads(__import__('base64').urlsafe_b64decode(viewer.split('.')[1] + '=='))['jti']
+    revoked.write_text(jti + '\n')
+    r = run_cli('-w', ws, 'registry', 'list', env=env)
+    assert r.returncode == 1 and f"token {jti} is revoked" in r.stderr, r.stderr
+    r = run_cli('-w', ws, 'registry', 'list', env={**env, 'RETAIL_CV_TOKEN_KEYS': ''})
+    assert r.returncode == 1 and 'signed tokens need the issuer' in r.stderr
+    entries = Registry(Workspace.open(ws)).audit()
+    seen = [(e.actor, e.action, e.outcome) for e in entries]
+    assert ('dashboard', 'list_tokens', 'denied') in seen and ('dashboard', 'read', 'denied') in seen and ('unknown', 'read', 'denied') in seen
+    assert viewer not in (ws/'registry'/'registry.db').read_bytes().decode('latin-1')  # the token itself is never stored
