@@ -257,6 +257,9 @@ async def closed_loop(url: str, devs: Devices, seconds: float, connections: int)
     return summary(stats, t0 + min(2.0, seconds / 5), end, None)
 
 
+IDLE = ('EpollSelector.select', 'Condition.wait', 'select (', 'Event.wait', 'Queue.get', 'lock.acquire')
+
+
 def profile_server(pid: int, seconds: float, out: Path) -> dict:
     "py-spy samples of the server process (all threads) for `seconds`: the top functions by own and total samples."
     spy = shutil.which('py-spy') or str(Path(sys.executable).parent/'py-spy')
@@ -270,11 +273,12 @@ def profile_server(pid: int, seconds: float, out: Path) -> dict:
         stack, _, count = line.rpartition(' ')
         if not stack or not count.isdigit(): continue
         frames, c = stack.split(';'), int(count)
+        if frames[-1].startswith(IDLE): continue  # a thread waiting (event loop select, idle worker threads)
         n += c
         own[frames[-1]] = own.get(frames[-1], 0) + c
         for f in set(frames): total[f] = total.get(f, 0) + c
     top = lambda d: [{'function': f, 'share': round(c / n, 3)} for f, c in sorted(d.items(), key=lambda x: -x[1])[:25]]
-    return {'samples': n, 'top_own': top(own), 'top_total': top(total)}
+    return {'busy_samples': n, 'top_own': top(own), 'top_total': top(total)}
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def test_service_log_calm_then_dim_lights_alert_through_the_cli_and_a_signed_web
     srv = HTTPServer(('127.0.0.1', 0), Receiver); threading.Thread(target=srv.serve_forever, daemon=True).start()
     (tmp_path/'rules.yaml').write_text(f"webhook: {{url: 'http://127.0.0.1:{srv.server_port}/hook', secret_env: {SECRET_ENV}}}\n"
                                        "rules:\n  - {name: drift, metric: drift, threshold: 1}\n"
-                                       "  - {name: brightness-psi, metric: psi.brightness.statistic, op: '>', threshold: 0.25}\n")
+                                       "  - {name: brightness, metric: ks.brightness.p_adjusted, op: '<', threshold: 0.05}\n")
     results = {}
     try:
         for name, seed, light in (('calm', 2, 1.0), ('dim', 3, 0.6)):
@@ -96,7 +96,7 @@ def test_service_log_calm_then_dim_lights_alert_through_the_cli_and_a_signed_web
     out = json.loads(dim.stdout)
     assert out['report']['drift'] and 'ks.brightness' in out['report']['drifted'] and out['webhook_status'] == 204
     assert len(Receiver.got) == 1 and Receiver.got[0][0]  # only the dim check sent, and its signature verified
-    assert {a['rule'] for a in Receiver.got[0][1]['alerts']} == {'drift', 'brightness-psi'}
+    assert {a['rule'] for a in Receiver.got[0][1]['alerts']} == {'drift', 'brightness'}
     assert 'data:image/png' in (tmp_path/'dim.html').read_text()
 
 

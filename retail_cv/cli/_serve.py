@@ -76,6 +76,7 @@ def serve_command(ctx: typer.Context,
                   log_dir: Optional[Path] = typer.Option(None, help="Prediction log folder (none: no log)"),
                   log_sample: float = typer.Option(1.0, help="Share of predictions logged"),
                   log_images: bool = typer.Option(False, '--log-images', help="Also keep each logged image, faces blurred (default: never any image bytes)"),
+                  health_file: Optional[Path] = typer.Option(None, help="The fleet agent's health/counters.json: report inferences and failures there for its watchdog"),
                   max_body_mb: float = typer.Option(16, help="Largest request body, MiB"),
                   max_pixels: int = typer.Option(40_000_000, help="Largest image, pixels (checked before decoding)"),
                   timeout: float = typer.Option(30, help="Seconds before a request gets 504"),
@@ -88,7 +89,7 @@ def serve_command(ctx: typer.Context,
     if workers != 1: raise ConfigError("run one process per host (ONNX Runtime uses the cores); scale with replicas")
     cfg = ServeConfig(resolve_bundle(ctx, target, profile), trusted_keys or None, profile, workspace(ctx), token_keys(token_keys_, no_auth, host),
                       revocations, int(max_body_mb * 2**20), max_pixels, timeout_s=timeout, batch_wait_ms=batch_wait_ms, batch_images=batch_images, log_dir=log_dir,
-                      log_sample=log_sample, log_images=log_images, watch_s=watch)
+                      log_sample=log_sample, log_images=log_images, health_file=health_file, watch_s=watch)
     api = create_app(cfg)
     slot = api.state.service.slot
     if not slot.refresh(): raise ConfigError(f"cannot serve {target}: {(slot.last_error or {}).get('error')}")

@@ -16,6 +16,7 @@ import time
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 import retail_cv
 from ._bundles import parse_range, read_chunks
@@ -75,9 +76,10 @@ def add_device_routes(app: FastAPI, fleet: Fleet) -> None:
         return JSONResponse(rec.model_dump(mode='json'), status_code=201 if created else 200)
 
     @app.get('/v1/devices/{device_id}/state', response_model=StateResponse, responses={304: {'description': 'unchanged'}, **ERRORS}, tags=['devices'])
-    def state(device_id: str, request: Request):
+    async def state(device_id: str, request: Request):
         "What the device should run (signed request; If-None-Match gives 304 when unchanged)."
-        s = fleet.state(fleet.signed_device(request.headers, 'GET', request.url.path), device_id)
+        headers, path = request.headers, request.url.path  # most polls are answered here; the rest (a write, the registry, a refusal) on a worker thread
+        s = fleet.quick_poll(headers, path, device_id) or await run_in_threadpool(lambda: fleet.state(fleet.signed_device(headers, 'GET', path), device_id))
         headers = {'ETag': f'"{s.etag}"', 'Cache-Control': 'no-cache'}
         if request.headers.get('if-none-match', '').strip() in (f'"{s.etag}"', s.etag): return Response(status_code=304, headers=headers)
         return JSONResponse(s.model_dump(mode='json'), headers=headers)

@@ -153,9 +153,13 @@ class FleetControl(FleetBase):
         added = add_members(t, ro, k + 1, plan.stages[k + 1], now)
         return ('fleet.stage', ro['id'], {'version': ref, 'stage': k + 1, 'percent': plan.stages[k + 1], 'devices_added': len(added)}, why, 'ok')
 
+    def evaluation_due(self, model: str) -> bool:
+        "Whether the model's rollouts were last evaluated `evaluate_every_s` ago or longer."
+        return time.monotonic() - self._evaluated.get(model, -1e9) >= self.config.evaluate_every_s
+
     def maybe_evaluate(self, model: str, force: bool = False) -> None:
         "Evaluate the model's running rollout, at most every `evaluate_every_s` unless forced."
-        if not force and time.monotonic() - self._evaluated.get(model, -1e9) < self.config.evaluate_every_s: return
+        if not force and not self.evaluation_due(model): return
         self._evaluated[model] = time.monotonic()
         with self.db.tx(write=False) as t: ids = [r['id'] for r in t.all("SELECT id FROM rollouts WHERE model = ? AND state = 'active'", (model,))]
         for rid in ids: self.evaluate(rid)

@@ -8,6 +8,7 @@ Docs: https://retail-cv.github.io/retail_cv/fleet_devices.html.md"""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +19,7 @@ from ._control import FleetControl
 from ._protocol import (DEVICE_HEADER, PROTOCOL, SIGNATURE_HEADER, TIME_HEADER, EnrolRequest, EnrolResponse,
                                        FleetError, Report, ReportAck, StateResponse, device_id_for, request_doc)
 from ._schemas import DeviceOut, FleetStatus
+from ._base import VIEW_TABLES
 from ._store import Tx
 from ..registry import Identity
 
@@ -90,17 +92,31 @@ class Fleet(FleetControl):
                              labels=json.loads(dev['labels']), poll_interval_s=self.config.poll_interval_s, server_time=self.now(),
                              state_url=f"/v1/devices/{dev['id']}/state", report_url=f"/v1/devices/{dev['id']}/reports")
 
-    def signed_device(self, headers: Mapping[str, str], method: str, path: str) -> dict[str, Any]:
-        "The device row of a signed read (poll or download), after checking its headers; else a refusal."
+    def read_device(self, headers: Mapping[str, str], method: str, path: str) -> dict[str, Any]:
+        "The device row of a signed read (poll or download), after checking its headers; else a `FleetError` (not audited)."
         did, t, sig = headers.get(DEVICE_HEADER), headers.get(TIME_HEADER), headers.get(SIGNATURE_HEADER)
-        with self.audited(device_identity(did), 'fleet.request', f"{method} {path}"):
-            if not (did and t and sig):
-                raise FleetError(401, 'bad_signature', f"unsigned request: {DEVICE_HEADER}, {TIME_HEADER} and {SIGNATURE_HEADER} are required")
-            if not t.lstrip('-').isdigit(): raise FleetError(400, 'bad_request', f"{TIME_HEADER} must be integer Unix seconds, got {t[:40]!r}")
-            check_time(int(t), self.now(), self.config.skew_s)
-            with self.db.tx(write=False) as tx: dev = tx.one('SELECT * FROM devices WHERE id = ?', (did,))
-            check_signature(check_device(dev, did), request_doc(did, method, path, int(t)), sig, 'request')
+        if not (did and t and sig):
+            raise FleetError(401, 'bad_signature', f"unsigned request: {DEVICE_HEADER}, {TIME_HEADER} and {SIGNATURE_HEADER} are required")
+        if not t.lstrip('-').isdigit(): raise FleetError(400, 'bad_request', f"{TIME_HEADER} must be integer Unix seconds, got {t[:40]!r}")
+        check_time(int(t), self.now(), self.config.skew_s)
+        with self.db.tx(write=False) as tx: dev = tx.one('SELECT * FROM devices WHERE id = ?', (did,))
+        check_signature(check_device(dev, did), request_doc(did, method, path, int(t)), sig, 'request')
         return dev
+
+    def signed_device(self, headers: Mapping[str, str], method: str, path: str) -> dict[str, Any]:
+        "The device row of a signed read (poll or download), after checking its headers; else a refusal, audited."
+        with self.audited(device_identity(headers.get(DEVICE_HEADER)), 'fleet.request', f"{method} {path}"):
+            return self.read_device(headers, method, path)
+
+    def quick_poll(self, headers: Mapping[str, str], path: str, path_id: str) -> StateResponse | None:
+        "The answer to a good poll when it needs no write, no registry and no network (SQLite, a fresh view, no evaluation due); else None."
+        if self.db.postgres: return None
+        try: dev = self.read_device(headers, 'GET', path)
+        except FleetError: return None  # refused on the worker thread, where the refusal is audited
+        model = dev['model']
+        if dev['id'] != path_id or self.evaluation_due(model) or (v := self._views.get(model)) is None or not v.fresh(self.db.stamp(VIEW_TABLES), time.monotonic()):
+            return None
+        return self.state(dev, path_id)
 
     def state(self, dev: Mapping[str, Any], path_id: str | None = None) -> StateResponse:
         "The desired state of a device (evaluating its model's rollout first, at most once a second)."

@@ -14,11 +14,12 @@ from ._batching import MicroBatcher
 from ._images import MAX_BODY_BYTES, MAX_IMAGE_PIXELS, RequestError
 from ._log import LOG_SCHEMA, PredictionLog, delete_store, prune_log
 from ._metrics import ServeMetrics
+from ._health import HealthCounters
 from ._models import LoadedModel, ModelSlot, Watcher, load_model
 from ._run import ServerThread, free_port, serve
 from ._schemas import BatchOut, ModelsOut, PredictionOut, ServeConfig
 
 __all__ = ['create_app', 'serve', 'ServerThread', 'free_port', 'ServeConfig', 'SCOPES', 'issue_token', 'TokenVerifier',
            'TokenClaims', 'TokenError', 'ScopeError', 'read_revocations', 'RequestError', 'MAX_BODY_BYTES',
-           'MAX_IMAGE_PIXELS', 'LOG_SCHEMA', 'PredictionLog', 'prune_log', 'delete_store', 'ServeMetrics', 'LoadedModel', 'ModelSlot', 'Watcher',
+           'MAX_IMAGE_PIXELS', 'LOG_SCHEMA', 'PredictionLog', 'prune_log', 'delete_store', 'ServeMetrics', 'HealthCounters', 'LoadedModel', 'ModelSlot', 'Watcher',
            'load_model', 'MicroBatcher', 'PredictionOut', 'BatchOut', 'ModelsOut']

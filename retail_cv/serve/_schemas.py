@@ -38,6 +38,7 @@ class ServeConfig:
     log_dir: str | os.PathLike | None = None  # prediction log folder; None: no log
     log_sample: float = 1.0  # share of predictions logged
     log_images: bool = False  # also keep each logged image, faces blurred (off: the log never holds image bytes)
+    health_file: str | os.PathLike | None = None  # the fleet agent's health/counters.json: inferences and failures for its watchdog
     watch_s: float = 2.0  # how often to look for a new bundle; 0: never
 
 # %% ../../nbs/54_serve_schemas.ipynb #c047c92a

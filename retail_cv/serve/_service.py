@@ -17,6 +17,7 @@ from ..core import sha256_bytes
 from ..credentials import TokenClaims, TokenVerifier
 from ._batching import MicroBatcher
 from ._images import RequestError, decode_image, image_stats
+from ._health import HealthCounters
 from ._log import PredictionLog, prediction_record
 from ._metrics import ServeMetrics
 from ._models import LoadedModel, ModelSlot, Watcher
@@ -30,13 +31,14 @@ _log = logging.getLogger(__name__)
 
 # %% ../../nbs/54a_serve_service.ipynb #3dd0d046
 class Service:
-    "The state one app serves from: config, model slot, token verifier, metrics, prediction log."
+    "The state one app serves from: config, model slot, token verifier, metrics, prediction log, the agent's health counters."
     def __init__(self, config: ServeConfig):
         self.config, self.metrics = config, ServeMetrics()
         self.slot = ModelSlot(config.bundle, config.trusted_keys, config.profile, config.workspace, on_swap=self._swapped)
         self.verifier = TokenVerifier(config.token_keys, config.revocations) if config.token_keys is not None else None
         self.log = PredictionLog(config.log_dir, config.log_sample, keep_images=config.log_images) if config.log_dir else None
         self.watcher: Watcher | None = None
+        self.health = HealthCounters(config.health_file) if config.health_file else None
         self.batcher = MicroBatcher(config.batch_images, config.batch_wait_ms / 1000, self._observe) if config.batch_wait_ms > 0 else None
 
     def _observe(self, images: int, seconds: float):
@@ -55,6 +57,7 @@ class Service:
         if self.watcher: self.watcher.stop(); self.watcher = None
         if self.batcher: self.batcher.stop(); self.batcher = None
         if self.log: self.log.close()
+        if self.health: self.health.flush()
 
 # %% ../../nbs/54a_serve_service.ipynb #bdc9130f
 def authorize(svc: Service,  # the service
@@ -80,9 +83,14 @@ def predict_images(svc: Service,  # the service
     "Decode under the limits, predict with one model, log a sample; one answer per image."
     m, lim = current_model(svc), svc.config.max_pixels
     decoded = [decode_image(b, lim, f"image {i}" if len(images) > 1 else 'image') for i, b in enumerate(images)]
-    if svc.batcher: results = svc.batcher.submit(m, decoded)  # it observes the calls it makes
-    else:
-        t0 = time.perf_counter(); results = m.predictor.predict_batch(decoded); svc._observe(len(images), time.perf_counter() - t0)
+    try:
+        if svc.batcher: results = svc.batcher.submit(m, decoded)  # it observes the calls it makes
+        else:
+            t0 = time.perf_counter(); results = m.predictor.predict_batch(decoded); svc._observe(len(images), time.perf_counter() - t0)
+    except Exception:  # the model failed (not the caller): the agent's watchdog counts it, the client gets a 500
+        if svc.health: svc.health.note(m.name, m.version, errors=len(decoded))
+        raise
+    if svc.health: svc.health.note(m.name, m.version, inferences=len(decoded))
     ref, outs = ModelRef(name=m.name, version=m.version), []
     for data, img, r in zip(images, decoded, results):
         outs.append(PredictionOut.of(uuid.uuid4().hex, ref, r.to_dict()))
