@@ -113,12 +113,22 @@ def load_image(source: ImageSource,  # path, encoded bytes, PIL image or uint8 a
     except _PIL_ERRORS as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
 
+# %% ../nbs/01_preprocess.ipynb #37e13d58
+def _blockiness(image: Image.Image) -> float:
+    "Mean luma step across JPEG's 8-pixel block borders over the mean step inside blocks, on the top-left 512 x 512 pixels."
+    y = np.asarray(image.convert('L').crop((0, 0, min(image.width, 512), min(image.height, 512))), np.float32)
+    if min(y.shape) < 16: return 1.0
+    dx, dy = np.abs(np.diff(y, axis=1)), np.abs(np.diff(y, axis=0))
+    border = dx[:, 7::8].mean() + dy[7::8].mean()
+    inner = np.delete(dx, np.s_[7::8], axis=1).mean() + np.delete(dy, np.s_[7::8], axis=0).mean()
+    return float(border / inner) if inner > 0 else 1.0
+
 # %% ../nbs/01_preprocess.ipynb #a44e8a9f
 STATS_SIDE = 512  # longer side, in pixels, statistics are computed at
 
 def image_stats(image: Image.Image,  # an upright RGB image (from `load_image`)
                ) -> dict[str, Any]:
-    "Size, channel means and deviations, brightness, contrast, sharpness and colourfulness of one image."
+    "Size, channel means and deviations, brightness, contrast, sharpness, colourfulness and blockiness of one image."
     w, h = image.size
     small = image.reduce(-(-max(w, h) // STATS_SIDE)) if max(w, h) > STATS_SIDE else image
     a = np.asarray(small.convert('RGB'), dtype=np.float32)
@@ -130,7 +140,8 @@ def image_stats(image: Image.Image,  # an upright RGB image (from `load_image`)
     flat = a.reshape(-1, 3)
     return {'width': w, 'height': h, 'mean': [round(float(v), 2) for v in flat.mean(0)], 'std': [round(float(v), 2) for v in flat.std(0)],
             'brightness': round(float(y.mean()), 3), 'contrast': round(float(y.std()), 3),
-            'sharpness': round(float(lap.var()) if lap.size else 0.0, 3), 'colourfulness': round(float(colour), 3)}
+            'sharpness': round(float(lap.var()) if lap.size else 0.0, 3), 'colourfulness': round(float(colour), 3),
+            'blockiness': round(_blockiness(image), 4)}
 
 # %% ../nbs/01_preprocess.ipynb #a85fe9de
 @dataclass(frozen=True)

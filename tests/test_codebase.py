@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT/'retail_cv'
 NBS = ROOT/'nbs'
 MAX_LINES = 600
-TORCH_FREE = ('core', 'preprocess', 'profiles', 'bundle', 'credentials', 'runtime', 'serve', 'agent', 'fleet')  # what a device or store server runs
+TORCH_FREE = ('core', 'preprocess', 'profiles', 'bundle', 'credentials', 'runtime', 'serve', 'agent', 'fleet', 'apps')  # what a device or store server runs
 TORCH = {'torch', 'torchvision', 'lightning', 'pytorch_lightning', 'torchmetrics'}
 # torch imports on the device side that only run where torch is installed, each with its reason
 OPTIONAL_TORCH = {'core': 'seed_everything also seeds torch when it is installed'}

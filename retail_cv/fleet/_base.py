@@ -29,7 +29,7 @@ from ..registry import Identity, ModelVersion, Registry, RegistryError
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['VIEW_TABLES', 'VIEW_TTL_S', 'refusal', 'plan_of', 'ModelView', 'FleetBase']
+__all__ = ['VIEW_TABLES', 'refusal', 'plan_of', 'ModelView', 'FleetBase']
 
 # %% ../../nbs/60h_fleet_base.ipynb #57af3f2f
 def refusal(e: RetailCVError) -> FleetError:
@@ -46,7 +46,6 @@ def plan_of(row: Mapping[str, Any], stages: list[int]) -> RolloutPlan:
 
 # %% ../../nbs/60h_fleet_base.ipynb #5c1e7a11
 VIEW_TABLES = ('releases', 'rollouts', 'rollout_devices', 'bundles')  # what desired states are computed from
-VIEW_TTL_S = 1.0  # the longest a view is used: how late another server process's writes can be seen
 
 @dataclass
 class ModelView:
@@ -61,7 +60,7 @@ class ModelView:
     read_at: float  # `time.monotonic()` then
     states: dict = field(default_factory=dict)  # (version, profile, source, rollout) -> (Desired, etag)
 
-    def fresh(self, stamp: tuple[int, ...], now: float) -> bool: return stamp == self.stamp and now - self.read_at < VIEW_TTL_S
+    def fresh(self, stamp: tuple[int, ...], now: float, ttl_s: float) -> bool: return stamp == self.stamp and now - self.read_at < ttl_s
 
     def etag(self, desired: Desired | None, poll_interval_s: int) -> str: return StateResponse.etag_of(desired, poll_interval_s)
 
@@ -152,10 +151,15 @@ class FleetBase:
                               f"first release of {model}: the registry's {self.config.alias}")
         return v
 
+    def fresh_view(self, model: str) -> ModelView | None:
+        "The model's cached view, unless this process wrote to what it was read from or it is older than `view_ttl_s`."
+        v = self._views.get(model)
+        return v if v is not None and v.fresh(self.db.stamp(VIEW_TABLES), time.monotonic(), self.config.view_ttl_s) else None
+
     def view(self, model: str) -> ModelView:
-        "What the model's desired states come from: read again when this process wrote to it, or after `VIEW_TTL_S`."
+        "What the model's desired states come from: read again when this process wrote to it, or after `view_ttl_s`."
+        if (v := self.fresh_view(model)) is not None: return v
         stamp, now = self.db.stamp(VIEW_TABLES), time.monotonic()  # before reading: a write during the read makes it stale
-        if (v := self._views.get(model)) is not None and v.fresh(stamp, now): return v
         release = self.release(model)
         with self.db.tx(write=False) as t:
             ro = t.one('SELECT * FROM rollouts WHERE model = ? ORDER BY created_at DESC, id DESC LIMIT 1', (model,))

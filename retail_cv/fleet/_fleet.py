@@ -8,7 +8,6 @@ Docs: https://retail-cv.github.io/retail_cv/fleet_devices.html.md"""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,7 +18,6 @@ from ._control import FleetControl
 from ._protocol import (DEVICE_HEADER, PROTOCOL, SIGNATURE_HEADER, TIME_HEADER, EnrolRequest, EnrolResponse,
                                        FleetError, Report, ReportAck, StateResponse, device_id_for, request_doc)
 from ._schemas import DeviceOut, FleetStatus
-from ._base import VIEW_TABLES
 from ._store import Tx
 from ..registry import Identity
 
@@ -114,8 +112,7 @@ class Fleet(FleetControl):
         try: dev = self.read_device(headers, 'GET', path)
         except FleetError: return None  # refused on the worker thread, where the refusal is audited
         model = dev['model']
-        if dev['id'] != path_id or self.evaluation_due(model) or (v := self._views.get(model)) is None or not v.fresh(self.db.stamp(VIEW_TABLES), time.monotonic()):
-            return None
+        if dev['id'] != path_id or self.evaluation_due(model) or self.fresh_view(model) is None: return None
         return self.state(dev, path_id)
 
     def state(self, dev: Mapping[str, Any], path_id: str | None = None) -> StateResponse:

@@ -35,6 +35,7 @@ class FleetConfig:
     alias: str = 'champion'  # the registry alias a model's first release comes from
     tick_s: float = 5.0  # seconds between background evaluations of rollouts (0: only on requests)
     evaluate_every_s: float = 1.0  # a rollout is evaluated at most this often on requests
+    view_ttl_s: float = 1.0  # the longest a model's cached view is used: how late another server process's writes are seen
     report_retention_s: int = 7 * 86400  # reports older than this are pruned
 
 # %% ../../nbs/60g_fleet_schemas.ipynb #cab72069
