@@ -1,7 +1,7 @@
 """Fleet server benchmark: poll load of many simulated devices against a real `retail-cv fleet serve` process.
 
 Usage: python bench/bench_fleet.py [--devices 10000] [--interval 60] [--rate 170] [--seconds 300] [--saturate 30]
-                                   [--connections 64] [--profile] [--out bench/results/fleet.json]
+                                   [--connections 64] [--profile] [--agents 200] [--only-rollout] [--out bench/results/fleet.json]
 
 What runs:
 
@@ -23,6 +23,13 @@ What runs:
 4. **Saturation** (`--saturate` seconds): closed loop, `--connections` concurrent pollers as fast as the server
    answers: the server's capacity on one core, and the latency at that load.
 5. **Profile** (`--profile`): py-spy samples the server during the poll load; the hottest functions go in the JSON.
+6. **Rollout to real agents** (`--agents 200`, `--only-rollout` to skip the poll load): a second server (fresh
+   database, `--poll-interval 2`) and `--agents` instances of the real agent code (`retail_cv.agent`: its own device
+   folder, key, trust store and A/B slots each; enrolled with an enrolment token; `agent.run` in one thread per
+   device, in this process on core 1). Every device first installs the release (version 1, its profile's bundle);
+   then version 2 is promoted and rolled out with stages 5,25,100 (soak 0, min healthy 0.98). Reported: time to
+   the initial install and to the rollout's completion, per-device switch time (p50/p90/max from the rollout's
+   start), bundle bytes and all response bytes per device (counted on each agent's HTTP client), bundle sizes.
 
 Target (issue 14): >= 170 polls/s sustained with p99 <= 100 ms. JSON in bench/results/fleet.json.
 Run it on an otherwise idle machine with at least two cores: numbers from a shared machine are noise.
@@ -87,9 +94,15 @@ def make_world(tmp: Path) -> dict:
                          golden_images=[buf.getvalue()], key=keys.private_key, profile=p)
         reg.add_bundle(MODEL, 1, b, p)
     reg.promote(MODEL, 1, reason='bench')
+    (tmp/'m2.onnx').write_bytes(tiny_onnx(2))
+    reg.register(MODEL, tmp/'m2.onnx', metrics={'val/acc': 0.7})
+    for p in PROFILES:
+        b = build_bundle(tmp/f'b2-{p}', tiny_onnx(2), name=MODEL, version='2', labels=['a', 'b', 'c'], contract=contract,
+                         golden_images=[buf.getvalue()], key=keys.private_key, profile=p)
+        reg.add_bundle(MODEL, 2, b, p)
     issuer = Ed25519PrivateKey.generate()
     (tmp/'issuer.pub').write_bytes(issuer.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return {'ws': ws, 'issuer': issuer}
+    return {'ws': ws, 'issuer': issuer, 'keys': keys, 'reg': reg}
 
 
 class Devices:
@@ -135,19 +148,19 @@ def free_port() -> int:
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
-def start_server(tmp: Path, world: dict, port: int) -> subprocess.Popen:
+def start_server(tmp: Path, world: dict, port: int, db: str = 'fleet.db', *extra: str) -> subprocess.Popen:
     "`retail-cv fleet serve` pinned to core 0, once it answers."
     import httpx
-    cmd = ['taskset', '-c', '0', CLI, '--workspace', str(world['ws'].root), 'fleet', 'serve', '--db', str(tmp/'fleet.db'),
-           '--bundles', str(tmp/'served'), '--port', str(port), '--token-keys', str(tmp/'issuer.pub'), '--tick', '5']
-    log = open(tmp/'server.log', 'w')
+    cmd = ['taskset', '-c', '0', CLI, '--workspace', str(world['ws'].root), 'fleet', 'serve', '--db', str(tmp/db),
+           '--bundles', str(tmp/'served'), '--port', str(port), '--token-keys', str(tmp/'issuer.pub'), '--tick', '5', *extra]
+    log = open(tmp/f'server-{db}.log', 'w')
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(300):
         try:
             if httpx.get(f'http://127.0.0.1:{port}/healthz').status_code == 200: return proc
         except httpx.TransportError: time.sleep(0.1)
         if proc.poll() is not None: break
-    sys.exit(f"fleet server did not start:\n{(tmp/'server.log').read_text()[-3000:]}")
+    sys.exit(f"fleet server did not start:\n{(tmp/f'server-{db}.log').read_text()[-3000:]}")
 
 
 def enrol_over_http(url: str, world: dict, devs: Devices, n: int) -> None:
@@ -281,6 +294,75 @@ def profile_server(pid: int, seconds: float, out: Path) -> dict:
     return {'busy_samples': n, 'top_own': top(own), 'top_total': top(total)}
 
 
+def admin_headers(world: dict) -> dict:
+    from retail_cv.credentials import issue_token
+    return {'Authorization': 'Bearer ' + issue_token(world['issuer'], 'bench', ['fleet:admin'])}
+
+
+def rollout_to_agents(tmp: Path, world: dict, n: int) -> dict:
+    "`n` real agents (threads of this process) install the release, then follow a three-stage rollout of version 2."
+    import threading
+    import httpx
+    from retail_cv.agent import Agent, WatchdogPolicy, connect, init_device, read_state, run
+    port = free_port(); url = f'http://127.0.0.1:{port}'
+    proc = start_server(tmp, world, port, 'rollout.db', '--poll-interval', '2', '--tick', '1')
+    try:
+        admin = admin_headers(world)
+        tok = httpx.post(url + '/v1/admin/enrolment-tokens', json={'model': MODEL, 'uses': n}, headers=admin, timeout=60).json()['token']
+        agents, counts, stop = [], [], threading.Event()
+        for i in range(n):
+            root = tmp/'devices'/f'dev-{i:03d}'
+            init_device(root, PROFILES[i % 2], world['keys'].public_key, labels={'store': f'store-{i % 10}'})
+            agents.append(Agent.open(root, WatchdogPolicy(grace_s=0)))
+        t0 = time.perf_counter()
+        clients = [connect(a, url, tok) for a in agents]
+        enrolled_s = time.perf_counter() - t0
+        for c in clients:
+            got = {'bundle': 0, 'all': 0}; counts.append(got)
+            def count(r, got=got):
+                size = int(r.headers.get('content-length') or 0)
+                got['all'] += size
+                if r.request.url.path.startswith('/v1/bundles/') and r.request.method == 'GET': got['bundle'] += size
+            c.http.event_hooks['response'] = [count]
+        threads = [threading.Thread(target=run, args=(a,), kwargs=dict(client=c, interval_s=0.2, stop=stop), daemon=True)
+                   for a, c in zip(agents, clients)]
+        for th in threads: th.start()
+        version = lambda a: (read_state(a.dev.root).current or None) and read_state(a.dev.root).current.version
+        def wait_all(v: str, limit: float) -> dict[int, float]:
+            start, done = time.perf_counter(), {}
+            while len(done) < n and time.perf_counter() - start < limit:
+                for i, a in enumerate(agents):
+                    if i not in done and version(a) == v: done[i] = time.perf_counter() - start
+                time.sleep(0.2)
+            return done
+        first = wait_all('1', 600)
+        before = [dict(c) for c in counts]
+        world['reg'].promote(MODEL, 2, reason='bench: version 2')
+        r = httpx.post(url + '/v1/admin/rollouts', json={'ref': f'{MODEL}:2', 'stages': [5, 25, 100], 'soak_s': 0, 'min_healthy': 0.98},
+                       headers=admin, timeout=60)
+        r.raise_for_status(); rid = r.json()['id']
+        t1 = time.perf_counter()
+        switched = wait_all('2', 900)
+        ro = httpx.get(url + f'/v1/admin/rollouts/{rid}', headers=admin, timeout=60).json()
+        while ro['state'] == 'active' and time.perf_counter() - t1 < 120:
+            time.sleep(0.5); ro = httpx.get(url + f'/v1/admin/rollouts/{rid}', headers=admin, timeout=60).json()
+        completed_s = time.perf_counter() - t1
+        stop.set()
+        for th in threads: th.join(30)
+        sizes = {agents[i].config.profile: clients[i].poll()['bundle']['size'] for i in (0, 1)}  # what the server serves of version 2
+    finally:
+        proc.terminate(); proc.wait(20)
+    per = lambda xs: {'p50_s': round(statistics.median(xs), 2), 'p90_s': round(sorted(xs)[int(0.9 * len(xs))], 2), 'max_s': round(max(xs), 2)} if xs else {}
+    rollout_bytes = [c['bundle'] - b['bundle'] for c, b in zip(counts, before)]
+    return {'agents': n, 'agent': 'retail_cv.agent (agent.run, one thread per device, core 1)', 'poll_interval_s': 2,
+            'enrol_s': round(enrolled_s, 1), 'initial_install': {'devices': len(first), **per(list(first.values()))},
+            'rollout': {'id': rid, 'stages': [5, 25, 100], 'state': ro['state'], 'reason': ro.get('reason'), 'completed_s': round(completed_s, 1),
+                        'devices_switched': len(switched), 'switch_time_from_start': per(list(switched.values())),
+                        'bundle_bytes_per_device': {'mean': round(statistics.fmean(rollout_bytes)), 'max': max(rollout_bytes), 'min': min(rollout_bytes)},
+                        'all_response_bytes_per_device': round(statistics.fmean(c['all'] - b['all'] for c, b in zip(counts, before)))},
+            'bundle_bytes_v2': sizes}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--devices', type=int, default=10_000)
@@ -292,57 +374,64 @@ def main() -> None:
     ap.add_argument('--connections', type=int, default=64)
     ap.add_argument('--http-enrol', type=int, default=20, help='devices enrolled through POST /v1/enrol')
     ap.add_argument('--profile', action='store_true', help='sample the server with py-spy during the poll load')
+    ap.add_argument('--agents', type=int, default=200, help='real agents in the rollout part (0: skip it)')
+    ap.add_argument('--only-rollout', action='store_true', help='skip the poll load')
     ap.add_argument('--out', type=Path, default=ROOT/'bench'/'results'/'fleet.json')
     a = ap.parse_args()
     if len(os.sched_getaffinity(0)) < 2: sys.exit("needs two cores: the server on core 0, the load generator on core 1")
     tmp = Path(tempfile.mkdtemp(prefix='bench-fleet-'))
     try:
-        t = time.perf_counter()
         world = make_world(tmp)
-        devs = Devices(a.devices)
-        from retail_cv.fleet import Database
-        Database(tmp/'fleet.db').close()  # the schema, before the direct inserts
-        devs.insert(tmp/'fleet.db', a.http_enrol)
-        port = free_port(); url = f'http://127.0.0.1:{port}'
-        proc = start_server(tmp, world, port)
-        os.sched_setaffinity(0, {1})  # the load generator: core 1
-        try:
-            enrol_over_http(url, world, devs, a.http_enrol)
-            etags = prime_etags(url, devs)
-            setup_s = time.perf_counter() - t
-            rate = max(a.rate, a.devices / a.interval)
-            print(f"{a.devices} devices ready in {setup_s:.0f} s; polling at {rate:.1f}/s for {a.seconds:.0f} s", flush=True)
-            prof = None
-            if a.profile:
-                import concurrent.futures
-                pool = concurrent.futures.ThreadPoolExecutor(1)
-                prof = pool.submit(profile_server, proc.pid, min(a.seconds, 60), tmp/'profile')
-            poll_load = with_cpu(proc.pid, lambda: asyncio.run(open_loop(url, devs, rate, a.seconds, a.connections, a.warmup)))
-            print(json.dumps(poll_load, indent=1), flush=True)
-            sat = with_cpu(proc.pid, lambda: asyncio.run(closed_loop(url, devs, a.saturate, a.connections))) if a.saturate > 0 else None
-            if sat: print(json.dumps(sat, indent=1), flush=True)
-        finally:
-            proc.terminate(); proc.wait(20)
-        lat = poll_load['latency_from_due']
-        result = {
-            'benchmark': 'fleet poll load', 'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
-            'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(), 'python': platform.python_version(),
-                        'load_average_at_end': os.getloadavg()},
-            'setup': {'devices': a.devices, 'profiles': list(PROFILES), 'enrolled_over_http': a.http_enrol,
-                      'inserted_through_store': a.devices - a.http_enrol, 'interval_s': round(a.devices / rate, 2),
-                      'connections': a.connections, 'database': 'SQLite (WAL)', 'server_core': 0, 'load_generator_core': 1,
-                      'etags': etags, 'setup_s': round(setup_s, 1)},
-            'poll_load': poll_load, 'saturation': sat,
-            'target': {'polls_per_s': 170, 'p99_ms': 100,
-                       'met': poll_load['polls_per_s'] >= 170 * 0.99 and bool(lat) and lat['p99_ms'] <= 100 and poll_load['ok_share'] == 1.0},
-            'profile': prof.result() if prof else None,
-        }
+        os.sched_setaffinity(0, {1})  # this process is the load generator (and the agents): core 1; servers are on core 0
+        result = {'benchmark': 'fleet delivery: poll load and a rollout to real agents',
+                  'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
+                  'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(), 'python': platform.python_version()}}
+        if not a.only_rollout: result.update(poll_part(tmp, world, a))
+        if a.agents > 0:
+            result['rollout_to_agents'] = rollout_to_agents(tmp, world, a.agents)
+            print(json.dumps(result['rollout_to_agents'], indent=1), flush=True)
+        result['machine']['load_average_at_end'] = os.getloadavg()
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=2) + '\n')
         print(f"wrote {a.out}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+def poll_part(tmp: Path, world: dict, a: argparse.Namespace) -> dict:
+    "Parts 1-5: the devices, the server, the open-loop poll load, saturation, the profile."
+    t = time.perf_counter()
+    devs = Devices(a.devices)
+    from retail_cv.fleet import Database
+    Database(tmp/'fleet.db').close()  # the schema, before the direct inserts
+    devs.insert(tmp/'fleet.db', a.http_enrol)
+    port = free_port(); url = f'http://127.0.0.1:{port}'
+    proc = start_server(tmp, world, port)
+    try:
+        enrol_over_http(url, world, devs, a.http_enrol)
+        etags = prime_etags(url, devs)
+        setup_s = time.perf_counter() - t
+        rate = max(a.rate, a.devices / a.interval)
+        print(f"{a.devices} devices ready in {setup_s:.0f} s; polling at {rate:.1f}/s for {a.seconds:.0f} s", flush=True)
+        prof = None
+        if a.profile:
+            import concurrent.futures
+            prof = concurrent.futures.ThreadPoolExecutor(1).submit(profile_server, proc.pid, min(a.seconds, 60), tmp/'profile')
+        poll_load = with_cpu(proc.pid, lambda: asyncio.run(open_loop(url, devs, rate, a.seconds, a.connections, a.warmup)))
+        print(json.dumps(poll_load, indent=1), flush=True)
+        sat = with_cpu(proc.pid, lambda: asyncio.run(closed_loop(url, devs, a.saturate, a.connections))) if a.saturate > 0 else None
+        if sat: print(json.dumps(sat, indent=1), flush=True)
+    finally:
+        proc.terminate(); proc.wait(20)
+    lat = poll_load['latency_from_due']
+    return {'setup': {'devices': a.devices, 'profiles': list(PROFILES), 'enrolled_over_http': a.http_enrol,
+                      'inserted_through_store': a.devices - a.http_enrol, 'interval_s': round(a.devices / rate, 2),
+                      'connections': a.connections, 'database': 'SQLite (WAL)', 'server_core': 0, 'load_generator_core': 1,
+                      'etags': etags, 'setup_s': round(setup_s, 1)},
+            'poll_load': poll_load, 'saturation': sat,
+            'target': {'polls_per_s': 170, 'p99_ms': 100,
+                       'met': poll_load['polls_per_s'] >= 170 * 0.99 and bool(lat) and lat['p99_ms'] <= 100 and poll_load['ok_share'] == 1.0},
+            'profile': prof.result() if prof else None}
 
 if __name__ == '__main__':
     main()

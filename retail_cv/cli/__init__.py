@@ -11,12 +11,13 @@ __all__ = []
 from ._app import app, main
 # each module registers its commands on `app`; chapter order is the order of `retail-cv --help`
 from . import _doctor, _data, _models, _train, _sync, _evaluate, _edge, _registry, _jobs, _pipeline, _k8s, _demo, _docs
-from . import _serve  # retail-cv serve, serve-token
+from . import _serve  # retail-cv serve, serve-log
 from . import _fleet  # retail-cv fleet ...
 from . import _agent  # retail-cv agent ...
 from . import _scan  # retail-cv scan
 from . import _shelf  # retail-cv shelf audit
 from . import _monitor  # retail-cv monitor ...
+from . import _token  # retail-cv token keygen, issue, revoke
 from ._doctor import doctor_report
 
 __all__ = ['app', 'main', 'doctor_report']

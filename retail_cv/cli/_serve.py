@@ -1,4 +1,4 @@
-"""`retail-cv serve BUNDLE` (or `MODEL@ALIAS`): the HTTP inference service on a signed bundle, and `retail-cv serve-token` to issue its bearer tokens.
+"""`retail-cv serve BUNDLE` (or `MODEL@ALIAS`): the HTTP inference service on a signed bundle, and `retail-cv serve-log` for its prediction log's retention and deletion by store.
 
 Docs: https://retail-cv.github.io/retail_cv/cli_serve.html.md"""
 
@@ -18,12 +18,9 @@ from ..core import ConfigError
 from ..credentials import TOKEN_KEYS_ENV
 
 # %% auto #0
-__all__ = ['TOKEN_SIGNING_KEY_ENV', 'log_app', 'token_keys', 'resolve_bundle', 'registry_bundle', 'serve_command', 'serve_token',
-           'log_prune', 'log_delete_store']
+__all__ = ['log_app', 'token_keys', 'resolve_bundle', 'registry_bundle', 'serve_command', 'log_prune', 'log_delete_store']
 
 # %% ../../nbs/98b_cli_serve.ipynb #ec3944b5
-TOKEN_SIGNING_KEY_ENV = 'RETAIL_CV_TOKEN_SIGNING_KEY'  # the issuer's private key file
-
 def token_keys(given: Optional[list[Path]],  # --token-keys
                no_auth: bool,  # --no-auth
                host: str,  # where the service listens
@@ -95,19 +92,6 @@ def serve_command(ctx: typer.Context,
     if not slot.refresh(): raise ConfigError(f"cannot serve {target}: {(slot.last_error or {}).get('error')}")
     err_console.print(f"serving {slot.describe_current()} on http://{host}:{port} (docs at /docs)", highlight=False)
     uvicorn.run(api, host=host, port=port, log_level='info')
-
-# %% ../../nbs/98b_cli_serve.ipynb #0574dce2
-@app.command('serve-token')
-def serve_token(subject: str = typer.Argument(..., help="Who the token is for: a store, a device, a person"),
-                scope: list[str] = typer.Option(['predict'], help="Scope (repeatable): predict, models, admin"),
-                key: Optional[Path] = typer.Option(None, help=f"Issuer private key (PEM; default: ${TOKEN_SIGNING_KEY_ENV})"),
-                ttl_days: float = typer.Option(30, help="Lifetime in days")):
-    "Issue a signed bearer token for `retail-cv serve` (print it; keep it secret)."
-    from retail_cv.bundle import load_signing_key
-    from retail_cv.serve import issue_token
-    source = key or os.environ.get(TOKEN_SIGNING_KEY_ENV)
-    if not source: raise ConfigError(f"no issuer key: pass --key or set ${TOKEN_SIGNING_KEY_ENV}")
-    typer.echo(issue_token(load_signing_key(source), subject, scope, int(ttl_days * 86400)))  # plain: for $(...) and pipes
 
 # %% ../../nbs/98b_cli_serve.ipynb #b57f3653
 log_app = typer.Typer(no_args_is_help=True, help="The service's prediction log: retention and deletion by store.")
