@@ -136,8 +136,9 @@ def cpu_s(pid: int) -> float:
 
 def with_cpu(pid: int, run) -> dict:
     "Run a load phase and add the server's CPU time per answered poll: capacity on one core, whatever else the machine runs."
-    c0 = cpu_s(pid); out = run(); c1 = cpu_s(pid)
+    c0, g0 = cpu_s(pid), time.process_time(); out = run(); c1, g1 = cpu_s(pid), time.process_time()
     polls = sum(out['codes'].values())
+    out['load_generator_cpu_ms_per_poll'] = round(1e3 * (g1 - g0) / max(polls, 1), 3)  # it must not be the bottleneck
     out['server_cpu_s'] = round(c1 - c0, 2)
     out['server_cpu_ms_per_poll'] = round(1e3 * (c1 - c0) / max(polls, 1), 3)
     out['capacity_polls_per_s_one_core'] = round(polls / max(c1 - c0, 1e-9), 1)
@@ -358,6 +359,8 @@ def rollout_to_agents(tmp: Path, world: dict, n: int) -> dict:
             'enrol_s': round(enrolled_s, 1), 'initial_install': {'devices': len(first), **per(list(first.values()))},
             'rollout': {'id': rid, 'stages': [5, 25, 100], 'state': ro['state'], 'reason': ro.get('reason'), 'completed_s': round(completed_s, 1),
                         'devices_switched': len(switched), 'switch_time_from_start': per(list(switched.values())),
+                        'stage_s': [{'percent': st['percent'], 'devices': st['devices'], 'state': st['state'],
+                                     's': st['finished_at'] - st['started_at'] if st['finished_at'] and st['started_at'] else None} for st in ro['stages']],
                         'bundle_bytes_per_device': {'mean': round(statistics.fmean(rollout_bytes)), 'max': max(rollout_bytes), 'min': min(rollout_bytes)},
                         'all_response_bytes_per_device': round(statistics.fmean(c['all'] - b['all'] for c, b in zip(counts, before)))},
             'bundle_bytes_v2': sizes}

@@ -76,9 +76,8 @@ def network(image_size: int, calib: list[Image.Image], n_classes: int, seed: int
     import torch
     from retail_cv.models import ModelSpec, build_model, recalibrate_batchnorm, wrap
     torch.manual_seed(seed)
-    spec = ModelSpec(arch='tiny_cnn', num_classes=n_classes, image_size=image_size)
-    pp = spec.preprocessing if not isinstance(spec.preprocessing, dict) else None
     from retail_cv.preprocess import as_preprocess_spec
+    spec = ModelSpec(arch='tiny_cnn', num_classes=n_classes, image_size=image_size)
     pp = as_preprocess_spec(spec.preprocessing)
     x = torch.from_numpy(normalize(np.stack([resize_image(im, pp)[0] for im in calib]), pp))
     model = wrap(recalibrate_batchnorm(build_model(spec), x, batch_size=64), spec).eval()

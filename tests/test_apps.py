@@ -207,3 +207,32 @@ def test_shelf_audit_cli_refuses_bad_inputs_with_clear_errors(bundle, tmp_path):
     assert r.returncode == 1 and 'broken.jpg: cannot decode image' in r.stderr
     r = _cli('shelf', 'audit', b, str(bundle['photos'][0]), '--trusted-key', str(tmp_path/'nokey.pub'))
     assert r.returncode != 0
+
+
+# --- picking and returns -------------------------------------------------------------------------------------------
+
+def test_pick_cli_reports_each_line_and_exits_3_on_a_mismatch(tmp_path):
+    (tmp_path/'order.csv').write_text("item,quantity\n12345670,1\n48512343,2\n8480010001136,1\n")
+    r = _cli('pick', str(tmp_path/'order.csv'), str(SAMPLES/'multi-3xean-8.png'), str(SAMPLES/'ean13-1.webp'), '--json')
+    assert r.returncode == 3, r.stderr
+    lines = {l['item']: (l['ordered'], l['picked'], l['status']) for l in json.loads(r.stdout)['lines']}
+    assert lines == {'00000012345670': (1, 1, 'ok'), '00000048512343': (2, 1, 'short'), '08480010001136': (1, 1, 'ok'),
+                     '00000067678983': (0, 1, 'not_ordered')}
+    (tmp_path/'exact.csv').write_text("item,quantity\n12345670,1\n48512343,1\n67678983,1\n")
+    assert _cli('pick', str(tmp_path/'exact.csv'), str(SAMPLES/'multi-3xean-8.png')).returncode == 0
+    (tmp_path/'bad.csv').write_text("item,quantity\n12345671,1\n")
+    r = _cli('pick', str(tmp_path/'bad.csv'), str(SAMPLES/'multi-3xean-8.png'))
+    assert r.returncode == 1 and 'line 2: EAN8: check digit 1 of 12345671 should be 0' in r.stderr
+
+
+def test_returns_cli_accepts_or_flags_with_reasons(tmp_path):
+    (tmp_path/'receipt.csv').write_text("item,quantity\n8480010001136,1\n")
+    r = _cli('returns', str(SAMPLES/'ean13-1.webp'), '--receipt', str(tmp_path/'receipt.csv'), '--json')
+    assert r.returncode == 0 and json.loads(r.stdout) == {'decision': 'accept', 'item': '08480010001136', 'reasons': []}
+    r = _cli('returns', str(SAMPLES/'ean13-blurred.webp'), '--receipt', str(tmp_path/'receipt.csv'), '--condition', 'opened', '--json')
+    assert r.returncode == 3
+    assert json.loads(r.stdout)['reasons'] == ['09780345348036 is not on the receipt', 'condition: opened']
+    r = _cli('returns', str(SAMPLES/'falsepositive.webp'), '--receipt', str(tmp_path/'receipt.csv'))
+    assert r.returncode == 3 and 'no valid code read' in r.stdout
+    r = _cli('returns', str(SAMPLES/'ean13-1.webp'), '--receipt', str(tmp_path/'receipt.csv'), '--condition', 'wet')
+    assert r.returncode == 1 and '--condition must be ok, opened or damaged' in r.stderr

@@ -96,7 +96,7 @@ def world(built, tmp_path):
 def config(world, **kw) -> FleetConfig:
     return FleetConfig(kw.pop('db', world['tmp']/'fleet.db'), world['tmp']/'served', workspace=world['ws'],
                        token_keys=[world['tmp']/'issuer.pub'], revocations=world['tmp']/'revoked.txt',
-                       tick_s=0, evaluate_every_s=0, **kw)
+                       **{'tick_s': 0, 'evaluate_every_s': 0, **kw})
 
 
 # --- a device speaking protocol 1 ----------------------------------------------------------------------------------
@@ -320,6 +320,31 @@ def test_the_fleet_page_written_by_the_cli_shows_rollout_progress_in_chromium(wo
     shot.unlink(missing_ok=True)
     subprocess.run([*args, '--window-size=1000,800', f'--screenshot={shot}', page.as_uri()], capture_output=True, timeout=120)
     with Image.open(shot) as im: assert im.size == (1000, 800) and len(set(im.convert('L').resize((50, 40)).tobytes())) > 5
+
+
+def test_polls_from_the_cached_view_see_each_change_at_the_next_poll(world):
+    "Rollout evaluation and view expiry an hour away: polls are answered from the model's cached view, so a missed invalidation would show."
+    with FleetServer(config(world, evaluate_every_s=3600, view_ttl_s=3600)) as srv:
+        devs = enrolled(srv, world, 4)
+        run_until(devs, lambda: all(d.running for d in devs))
+        assert all(d.poll().status_code == 200 for d in devs) and all(d.poll().status_code == 304 for d in devs)  # then unchanged
+        world['reg'].promote(MODEL, 2, reason='better')
+        assert all(d.poll().status_code == 304 for d in devs)  # a promotion reaches devices only by a rollout
+        rid = admin(srv, world, 'POST', '/v1/admin/rollouts', json={'ref': f'{MODEL}:2', 'stages': [50, 100], 'soak_s': 3600}).json()['id']
+        first = {canary_order([d.id for d in devs if d.profile == p])[0] for p in PROFILES}
+        canaries, others = [d for d in devs if d.id in first], [d for d in devs if d.id not in first]
+        answers = [d.poll() for d in canaries]
+        assert all(r.status_code == 200 and (r.json()['desired']['version'], r.json()['desired']['source']) == (2, 'rollout') for r in answers)
+        assert all(d.poll().status_code == 304 for d in others)  # their desired state did not change
+        assert admin(srv, world, 'POST', f'/v1/admin/rollouts/{rid}/abort', json={'reason': 'wrong build'}).status_code == 200
+        answers = [d.poll() for d in canaries]
+        assert all(r.status_code == 200 and (r.json()['desired']['version'], r.json()['desired']['source']) == (1, 'rollback') for r in answers)
+        assert admin(srv, world, 'POST', f'/v1/admin/devices/{others[0].id}/revoke', json={'reason': 'stolen'}).status_code == 200
+        r = others[0].poll()
+        assert (r.status_code, r.json()['error']) == (401, 'revoked_device') and others[1].poll().status_code == 304
+        forged = others[1].get(f'/v1/devices/{others[1].id}/state', key=Ed25519PrivateKey.generate())
+        assert (forged.status_code, forged.json()['error']) == (401, 'bad_signature')
+        assert [e.outcome for e in fleet_audit(world, 'fleet.request')][-2:] == ['denied', 'denied']  # refusals audited, as on the slow path
 
 
 def test_failing_canaries_halt_the_rollout_and_roll_back(world):

@@ -303,3 +303,205 @@ def test_split_names_survive_or_are_refused(tmp_path):
     write_yolo(ds, tmp_path/'y3')
     back = read_yolo(tmp_path/'y3')
     assert {i.split for i in back.images} == {''} and len(back.images) == 4
+
+
+# ---- the labelling tools' formats: CreateML, Label Studio, CVAT, Roboflow -----------------------------------------
+
+from retail_cv.data.formats import (read_createml, read_cvat, read_labelstudio, read_roboflow, write_createml,  # noqa: E402
+                                    write_cvat, write_labelstudio, write_roboflow)
+from retail_cv.data.validate import validate_dataset  # noqa: E402
+
+TOOL_FORMATS = ['createml', 'labelstudio', 'cvat', 'roboflow']
+
+
+def exact_dataset(root: Path) -> Dataset:
+    "A dataset every tool format holds exactly: ids and categories from 1, quarter-pixel boxes, train/val/test."
+    cats = [Category(1, 'cola'), Category(2, 'price tag'), Category(3, 'gap'), Category(4, 'unused')]
+    ims, anns = [], []
+    for i in range(6):
+        w, h = 40 + 8 * i, 30 + 4 * i
+        make_image(root/f'shelf_{i}.jpg', (w, h))
+        ims.append(ImageRecord(i + 1, f'shelf_{i}.jpg', w, h, ['train', 'train', 'train', 'val', 'val', 'test'][i]))
+        for k in range(i % 3 + 1):
+            anns.append(Annotation(len(anns) + 1, i + 1, 1 + (i + k) % 3, (0.25 * k, 1.5, 10.0 + k, 7.75)))
+    return Dataset(root, 'detection', cats, ims, anns)
+
+
+@pytest.mark.parametrize('fmt', TOOL_FORMATS)
+def test_tool_format_round_trip_is_exact(tmp_path, fmt):
+    ds = exact_dataset(tmp_path/'src')
+    save_dataset(ds, tmp_path/fmt, fmt)
+    assert detect_format(tmp_path/fmt) == fmt
+    back = load_dataset(tmp_path/fmt)
+    assert back.info['source_format'] == fmt and back.categories == ds.categories
+    # boxes: exact, except Label Studio's percentages (a division and back)
+    assert [(a.id, a.image_id, a.category_id) for a in back.annotations] == [(a.id, a.image_id, a.category_id) for a in ds.annotations]
+    for a, b in zip(back.annotations, ds.annotations):
+        assert a.bbox == pytest.approx(b.bbox, abs=1e-9) if fmt == 'labelstudio' else a.bbox == b.bbox
+    assert [(Path(i.file_name).name, i.width, i.height, i.split) for i in back.images] == \
+           [(i.file_name, i.width, i.height, i.split) for i in ds.images]
+    assert validate_dataset(tmp_path/fmt).ok
+    # and once more: what was read writes back to the same dataset (no folder nested twice)
+    save_dataset(back, tmp_path/f'{fmt}2', fmt)
+    again = load_dataset(tmp_path/f'{fmt}2')
+    assert [i.file_name for i in again.images] == [i.file_name for i in back.images]
+
+
+@pytest.mark.parametrize('fmt', TOOL_FORMATS)
+@pytest.mark.parametrize('seed', [0, 1])
+def test_tool_format_round_trip_through_coco(tmp_path, fmt, seed):
+    ds = random_detection(tmp_path/'src', seed, n_images=9, n_cats=40)
+    save_dataset(ds, tmp_path/fmt, fmt, images='link')
+    assert detect_format(tmp_path/fmt) == fmt
+    save_dataset(load_dataset(tmp_path/fmt), tmp_path/'back', 'coco')
+    assert_same(ds, load_dataset(tmp_path/'back'))
+
+
+def test_createml_malformed(tmp_path):
+    make_image(tmp_path/'a.jpg', (20, 10))
+    cases = {'[{"image": "a.jpg", "annotations": [{"label": "x", "coordinates": {"x": 1, "y": 2, "width": "3", "height": 4}}]}]':
+                 r"\[0\]\.annotations\[0\]\.coordinates field 'width' must be a number, got '3'",
+             '[{"image": "a.jpg", "annotations": [{"coordinates": {}}]}]': r"\[0\]\.annotations\[0\] is missing 'label'",
+             '[{"image": "a.jpg", "annotations": {"label": "x"}}]': r"\[0\] field 'annotations' must be a list",
+             '[{"image": 3}]': r"\[0\] field 'image' must be a string",
+             '{"image": "a.jpg"}': 'expected a JSON list at top level, got dict',
+             '[{"image": "a.jpg",\n "annotations": [}]': r'c\.json line 2: not valid JSON'}
+    for text, expect in cases.items():
+        (tmp_path/'c.json').write_text(text)
+        with pytest.raises(DataError, match=expect): read_createml(tmp_path/'c.json')
+
+
+def test_createml_centre_boxes_and_problems_for_the_validator(tmp_path):
+    make_image(tmp_path/'a.jpg', (20, 10))
+    (tmp_path/'c.json').write_text(json.dumps([
+        {'image': 'a.jpg', 'annotations': [{'label': 'x', 'coordinates': {'x': 10, 'y': 5, 'width': 4, 'height': 2}},
+                                           {'label': 'x', 'coordinates': {'x': 19, 'y': 5, 'width': 4, 'height': 2}}]},
+        {'image': 'missing.jpg', 'annotations': []}]))
+    ds = read_createml(tmp_path/'c.json')
+    assert [a.bbox for a in ds.annotations] == [(8.0, 4.0, 4.0, 2.0), (17.0, 4.0, 4.0, 2.0)]
+    r = validate_dataset(ds)
+    assert r.counts == {'box_out_of_bounds': 1, 'missing_file': 1}
+    assert any(p.where == 'c.json: [0].annotations[1]' for p in r.problems)
+
+
+def ls_task(image='a.jpg', **value):
+    v = {'x': 10, 'y': 10, 'width': 20, 'height': 20, 'rotation': 0, 'rectanglelabels': ['cola']} | value
+    return {'id': 1, 'annotations': [{'id': 1, 'result': [{'id': 'r1', 'type': 'rectanglelabels', 'from_name': 'label', 'to_name': 'image',
+                                                         'original_width': 200, 'original_height': 100, 'value': v}]}],
+            'data': {'image': image}}
+
+
+def test_labelstudio_malformed(tmp_path):
+    make_image(tmp_path/'a.jpg', (200, 100))
+    cases = [([ls_task(x='10%')], r"\[0\]\.annotations\[0\]\.result\[0\]\.value field 'x' must be a number"),
+             ([ls_task(rectanglelabels=[])], 'must be a list of one label'),
+             ([ls_task(rectanglelabels='cola')], 'must be a list of one label'),
+             ([{'data': {'picture': 'a.jpg'}, 'annotations': []}], r"\[0\]\.data is missing 'image'"),
+             ([{'annotations': []}], r"\[0\] is missing 'data'"),
+             ([{'data': {'image': 'a.jpg'}, 'annotations': [{'result': {'x': 1}}]}], r"annotations\[0\] field 'result' must be a list"),
+             ({'tasks': []}, 'expected a JSON list at top level')]
+    for tasks, expect in cases:
+        (tmp_path/'t.json').write_text(json.dumps(tasks))
+        with pytest.raises(DataError, match=expect): read_labelstudio(tmp_path/'t.json')
+    (tmp_path/'t.json').write_text('[{"data": {"image": "a.jpg"}')
+    with pytest.raises(DataError, match='t.json line 1: not valid JSON'): read_labelstudio(tmp_path/'t.json')
+
+
+def test_labelstudio_percentages_out_of_range_are_reported(tmp_path):
+    make_image(tmp_path/'a.jpg', (200, 100))
+    tasks = [ls_task(), ls_task(x=95), ls_task(y=-10), ls_task(width=-5), ls_task('/data/upload/4/0a1b2c3d-gone.jpg')]
+    (tmp_path/'t.json').write_text(json.dumps(tasks))
+    ds = load_dataset(tmp_path)
+    assert ds.info['source_format'] == 'labelstudio' and ds.annotations[0].bbox == (20.0, 10.0, 40.0, 20.0)
+    r = validate_dataset(tmp_path)
+    assert r.counts == {'box_inverted': 1, 'box_out_of_bounds': 2, 'missing_file': 1}, r.counts
+    assert {p.where for p in r.problems if p.code == 'box_out_of_bounds'} == \
+           {"t.json: [1].annotations[0].result[0] (id 'r1')", "t.json: [2].annotations[0].result[0] (id 'r1')"}
+    assert [p.file for p in r.problems if p.code == 'missing_file'] == ['gone.jpg']
+
+
+CVAT_HEAD = '<?xml version="1.0"?><annotations><version>1.1</version><meta><task><labels><label><name>cola</name></label></labels></task></meta>'
+
+
+@pytest.mark.parametrize('body, expect', [
+    ('<image id="0" width="20" height="10"/>', r"image\[0\] attribute 'name' is missing"),
+    ('<image id="0" name="a.jpg" width="wide"/>', r"image\[0\] \(name 'a.jpg'\) attribute 'width' 'wide' is not a number"),
+    ('<image name="a.jpg"><box label="cola" xtl="1" ytl="1" xbr="x" ybr="2"/></image>', r"box\[0\] attribute 'xbr' 'x' is not a number"),
+    ('<image name="a.jpg"><box label="cola" xtl="1" ytl="1" xbr="nan" ybr="2"/></image>', 'expected a finite number'),
+    ('<image name="a.jpg"><box xtl="1" ytl="1" xbr="2" ybr="2"/></image>', r"box\[0\] attribute 'label' is missing"),
+    ('<image name="a.jpg"><box label="cola" xtl="1" ytl="1" ybr="2"/></image>', "attribute 'xbr' is missing"),
+    ('<image name="a.jpg">', 'not well-formed XML'),
+])
+def test_cvat_malformed(tmp_path, body, expect):
+    (tmp_path/'annotations.xml').write_text(CVAT_HEAD + body + ('' if body.endswith('>') and not body.endswith('">') else '') + '</annotations>')
+    with pytest.raises(DataError, match=expect): read_cvat(tmp_path)
+
+
+def test_cvat_refuses_entities_and_reports_unknown_labels(tmp_path):
+    (tmp_path/'annotations.xml').write_text('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY l "lol"><!ENTITY l2 "&l;&l;&l;&l;&l;&l;">]>'
+                                           '<annotations>&l2;</annotations>')
+    with pytest.raises(DataError, match='document type declarations are not allowed'): load_dataset(tmp_path, 'cvat')
+    (tmp_path/'annotations.xml').write_text('<?xml version="1.0"?><!DOCTYPE a SYSTEM "file:///etc/passwd"><annotations/>')
+    with pytest.raises(DataError, match='document type declarations are not allowed'): load_dataset(tmp_path, 'cvat')
+    make_image(tmp_path/'images/a.jpg', (20, 10))
+    (tmp_path/'annotations.xml').write_text(CVAT_HEAD + '<image name="a.jpg" width="20" height="10">'
+                                           '<box label="cola" xtl="1" ytl="1" xbr="5" ybr="5"/><box label="beer" xtl="1" ytl="1" xbr="5" ybr="5"/>'
+                                           '<box label="cola" xtl="15" ytl="1" xbr="25" ybr="5"/><box label="cola" xtl="5" ytl="1" xbr="1" ybr="5"/>'
+                                           '</image><image name="b.jpg" width="20" height="10"/></annotations>')
+    r = validate_dataset(tmp_path)
+    assert r.format == 'cvat'
+    assert r.counts == {'box_inverted': 1, 'box_out_of_bounds': 1, 'missing_file': 1, 'unknown_category': 2}, r.counts
+    assert any("label 'beer' is not among the labels <meta> declares (cola)" in p.message for p in r.problems)
+
+
+def test_roboflow_exports(tmp_path):
+    # YOLO: data.yaml with ../<split>/images paths and a roboflow: section
+    for s in ('train', 'valid', 'test'):
+        make_image(tmp_path/'yolo'/s/'images'/f'IMG_1_jpg.rf.{s}0.jpg', (64, 32))
+        (tmp_path/'yolo'/s/'labels').mkdir(parents=True)
+        (tmp_path/'yolo'/s/'labels'/f'IMG_1_jpg.rf.{s}0.txt').write_text('0 0.5 0.5 0.25 0.5\n')
+    (tmp_path/'yolo/data.yaml').write_text("train: ../train/images\nval: ../valid/images\ntest: ../test/images\n\nnc: 1\n"
+                                           "names: ['price-tag']\n\nroboflow:\n  workspace: w\n  project: p\n  version: 1\n")
+    y = load_dataset(tmp_path/'yolo')
+    assert y.info['source_format'] == 'roboflow' and [i.split for i in y.images] == ['train', 'val', 'test']
+    assert y.annotations[0].bbox == (24.0, 8.0, 16.0, 16.0) and [c.name for c in y.categories] == ['price-tag']
+    # COCO: one _annotations.coco.json per split folder, with Roboflow's project category 0
+    cats = [{'id': 0, 'name': 'tags', 'supercategory': 'none'}, {'id': 1, 'name': 'price-tag', 'supercategory': 'tags'}]
+    for s in ('train', 'valid'):
+        make_image(tmp_path/'coco'/s/'a_jpg.rf.1.jpg', (64, 32))
+        (tmp_path/'coco'/s/'_annotations.coco.json').write_text(json.dumps({'categories': cats, 'images': [
+            {'id': 0, 'file_name': 'a_jpg.rf.1.jpg', 'width': 64, 'height': 32}], 'annotations': [
+            {'id': 0, 'image_id': 0, 'category_id': 1, 'bbox': [1, 2, 3, 4], 'area': 12, 'iscrowd': 0}]}))
+    c = load_dataset(tmp_path/'coco')
+    assert c.info['source_format'] == 'roboflow' and [(x.id, x.name) for x in c.categories] == [(1, 'price-tag')]
+    assert [(i.file_name, i.split) for i in c.images] == [('train/a_jpg.rf.1.jpg', 'train'), ('valid/a_jpg.rf.1.jpg', 'val')]
+    assert validate_dataset(tmp_path/'coco').ok
+    (tmp_path/'coco/valid/_annotations.coco.json').write_text('{"categories": [], "images": [}')
+    with pytest.raises(DataError, match=r'valid/_annotations.coco.json line 1: not valid JSON'): load_dataset(tmp_path/'coco')
+
+
+def test_tool_writers_refuse_what_they_cannot_hold(tmp_path):
+    ds = exact_dataset(tmp_path/'src')
+    ds.images[0].width = 0
+    for w in (write_labelstudio, write_cvat):
+        with pytest.raises(DataError, match='no known size'): w(ds, tmp_path/w.__name__)
+    ds.images[0].width = 40
+    ds.categories.append(Category(9, 'cola'))
+    for w in (write_createml, write_labelstudio, write_cvat):
+        with pytest.raises(DataError, match='two categories share a name'): w(ds, tmp_path/f'{w.__name__}2')
+    ds.categories.pop(); ds.annotations[0].category_id = 77
+    for w in (write_createml, write_labelstudio, write_cvat):  # (Roboflow's COCO, like COCO, keeps it for the validator)
+        with pytest.raises(DataError, match='category id 77 is not among the categories'): w(ds, tmp_path/f'{w.__name__}3')
+    ds.annotations[0].category_id = 1; ds.images[0].split = 'holdout'
+    with pytest.raises(DataError, match="got 'holdout'"): write_createml(ds, tmp_path/'c4')
+
+
+def test_json_formats_are_told_apart(tmp_path):
+    ds = exact_dataset(tmp_path/'src')
+    for im in ds.images: im.split = ''
+    for fmt in ('coco', 'createml', 'labelstudio'):
+        save_dataset(ds, tmp_path/fmt, fmt)
+        assert detect_format(tmp_path/fmt) == fmt
+    assert detect_format(tmp_path/'labelstudio/tasks.json') == 'labelstudio'
+    assert detect_format(tmp_path/'createml/_annotations.createml.json') == 'createml'
+    assert detect_format(tmp_path/'coco/annotations.json') == 'coco'

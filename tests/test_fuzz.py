@@ -455,11 +455,87 @@ PROFILE_EDIT = st.one_of(
     st.tuples(PROFILE_KEYS, st.none() | JSON | st.sampled_from([0, -1, 'fp16', ['int8'], {'detection': 0}, 'parallel', 'basic', 1e9])))
 PROFILE_INPUT = st.tuples(st.lists(PROFILE_EDIT, max_size=3), _mostly(st.none(), st.text(max_size=60)))
 
+# ---- the labelling tools' formats: CreateML, Label Studio, CVAT ---------------------------------------------------
+
+LABEL = st.sampled_from(['cola', 'gap', '', 'price tag']) | TOKEN | SCALARS
+CREATEML_BOX = st.fixed_dictionaries({'label': _mostly(st.sampled_from(['cola', 'gap']), LABEL),
+                                      'coordinates': _mostly(st.fixed_dictionaries({k: NUMBER for k in ('x', 'y', 'width', 'height')}),
+                                                             st.dictionaries(st.sampled_from(['x', 'y', 'width', 'height']), NUMBERISH, max_size=4) | JSON)})
+CREATEML = st.lists(_mostly(st.fixed_dictionaries({'image': st.sampled_from(['a.png', 'b.png', 'missing.png']),
+                                                   'annotations': st.lists(_mostly(CREATEML_BOX, JSON), max_size=3)}),
+                            st.fixed_dictionaries({}, optional={'image': NAME | SCALARS, 'annotations': JSON})), max_size=3)
+
+
+def fuzz_createml(data: tuple) -> None:
+    entries, raw, image = data
+    from retail_cv.data.formats import read_createml, write_createml
+    with _Folder() as root:
+        _write(root, {'c.json': raw if raw is not None else json.dumps(entries), 'a.png': PNG, 'b.png': image})
+        def parse():
+            ds = read_createml(root/'c.json')
+            write_createml(ds, root.parent/'out')
+        _run('createml', parse)
+
+CREATEML_INPUT = st.tuples(CREATEML, _mostly(st.none(), st.binary(max_size=60)), IMAGE_BYTES)
+
+LS_VALUE = _mostly(st.fixed_dictionaries({k: NUMBER for k in ('x', 'y', 'width', 'height')} | {'rectanglelabels': st.sampled_from([['cola'], ['gap']])},
+                                         optional={'rotation': NUMBER}),
+                   st.dictionaries(st.sampled_from(['x', 'y', 'width', 'height', 'rotation', 'rectanglelabels']), NUMBERISH | JSON, max_size=5))
+LS_REGION = _mostly(st.fixed_dictionaries({'type': st.just('rectanglelabels'), 'value': LS_VALUE},
+                                          optional={'original_width': SIZE, 'original_height': SIZE, 'id': TOKEN}),
+                    st.fixed_dictionaries({}, optional={'type': SCALARS, 'value': JSON, 'original_width': NUMBERISH}))
+LS_TASK = _mostly(st.fixed_dictionaries({'data': st.fixed_dictionaries({'image': st.sampled_from(['a.png', '/data/upload/1/0a1b2c3d-b.png',
+                                                                                                 '/data/local-files/?d=a.png', 'missing.png', '../x.png'])}),
+                                         'annotations': st.lists(st.fixed_dictionaries({'result': st.lists(LS_REGION, max_size=3)},
+                                                                                       optional={'was_cancelled': st.booleans()}), max_size=2)}),
+                  st.fixed_dictionaries({}, optional={'data': JSON, 'annotations': JSON}))
+
+
+def fuzz_labelstudio(data: tuple) -> None:
+    tasks, raw, image = data
+    from retail_cv.data.formats import read_labelstudio, write_labelstudio
+    with _Folder() as root:
+        _write(root, {'t.json': raw if raw is not None else json.dumps(tasks), 'a.png': PNG, 'b.png': image})
+        def parse():
+            ds = read_labelstudio(root/'t.json')
+            write_labelstudio(ds, root.parent/'out')
+        _run('labelstudio', parse)
+
+LABELSTUDIO_INPUT = st.tuples(st.lists(LS_TASK, max_size=3), _mostly(st.none(), st.binary(max_size=60)), IMAGE_BYTES)
+
+ATTR = st.none() | XTEXT.map(lambda s: s.replace('"', '&quot;').replace('<', '&lt;'))
+CVAT_BOX = st.tuples(_mostly(st.sampled_from(['cola', 'gap', 'beer']), ATTR), st.tuples(*[_mostly(NUMBER.map(str), ATTR)] * 4), ATTR, ATTR).map(
+    lambda t: '<box' + ''.join(f' {k}="{v}"' for k, v in zip(('label', 'xtl', 'ytl', 'xbr', 'ybr', 'occluded', 'rotation'), (t[0], *t[1], t[2], t[3])) if v is not None) + '/>')
+CVAT_IMAGE = st.tuples(_mostly(st.sampled_from(['a.png', 'b.png', 'missing.png']), ATTR), _mostly(st.sampled_from(['8', '6']), ATTR),
+                       st.sampled_from(['', ' subset="Train"', ' subset="default"']), st.lists(CVAT_BOX, max_size=3)).map(
+    lambda t: f'<image{"" if t[0] is None else f" name={chr(34)}{t[0]}{chr(34)}"}{"" if t[1] is None else f" width={chr(34)}{t[1]}{chr(34)}"}{t[2]}>{"".join(t[3])}</image>')
+CVAT_DOC = st.tuples(st.sampled_from(['annotations', 'annotations', 'annotation']), st.sampled_from(['', '<meta><task><labels><label><name>cola</name></label>'
+                     '<label><name>gap</name></label></labels></task></meta>']), st.lists(CVAT_IMAGE, max_size=3)).map(
+    lambda t: f"<{t[0]}><version>1.1</version>{t[1]}{''.join(t[2])}</{t[0]}>")
+
+
+def fuzz_cvat(data: tuple) -> None:
+    doc, raw, doctype = data
+    from retail_cv.data.formats import read_cvat, write_cvat
+    with _Folder() as root:
+        _write(root, {'annotations.xml': raw if raw is not None else (doctype or '') + doc, 'images/a.png': PNG, 'images/b.png': PNG})
+        if doctype and raw is None:  # refused before any entity is expanded
+            with pytest.raises(DataError, match='document type declarations are not allowed'): read_cvat(root)
+            OUTCOMES.setdefault('cvat', Counter())['refused'] += 1
+            return
+        def parse():
+            ds = read_cvat(root)
+            write_cvat(ds, root.parent/'out')
+        _run('cvat', parse)
+
+CVAT_INPUT = st.tuples(CVAT_DOC, _mostly(st.none(), st.binary(max_size=60)), _mostly(st.none(), DOCTYPES))
+
 # ---- the targets and their tests ----------------------------------------------------------------------------------
 
 TARGETS = {'coco': (COCO_INPUT, fuzz_coco), 'yolo': (YOLO_INPUT, fuzz_yolo), 'voc': (VOC_INPUT, fuzz_voc),
            'sku110k': (SKU_INPUT, fuzz_sku110k), 'grocery': (GROCERY_INPUT, fuzz_grocery), 'bundle': (BUNDLE_INPUT, fuzz_bundle),
-           'params': (PARAMS_INPUT, fuzz_params), 'pipeline': (PIPELINE_INPUT, fuzz_pipeline), 'profile': (PROFILE_INPUT, fuzz_profile)}
+           'params': (PARAMS_INPUT, fuzz_params), 'pipeline': (PIPELINE_INPUT, fuzz_pipeline), 'profile': (PROFILE_INPUT, fuzz_profile),
+           'createml': (CREATEML_INPUT, fuzz_createml), 'labelstudio': (LABELSTUDIO_INPUT, fuzz_labelstudio), 'cvat': (CVAT_INPUT, fuzz_cvat)}
 
 
 def fuzz(name: str, n: int, derandomize: bool) -> None:

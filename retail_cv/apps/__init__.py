@@ -1,4 +1,4 @@
-"""What a store acts on, from photos: barcode and QR inventory, and shelf audits (out of stock, planogram, prices). Torch-free, so a scanner, a store server or the service runs it.
+"""What a store acts on, from photos: barcode and QR inventory, shelf audits (out of stock, planogram, prices), picking and returns. Torch-free, so a scanner, a store server or the service runs it.
 
 Docs: https://retail-cv.github.io/retail_cv/apps.html.md"""
 
@@ -7,7 +7,7 @@ Docs: https://retail-cv.github.io/retail_cv/apps.html.md"""
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/70_apps.ipynb #2b9506b0
+# %% ../../nbs/70_apps.ipynb #97252b17
 from ._gs1 import CodeCheck, check_code, gs1_check_digit, upce_to_upca
 from ._scan import Code, Reading, ScanResult, code_regions, merge_readings, product_counts, scan_files, scan_image
 from ._shelf_rows import Box, Run, ShelfRow, boxes_from_detections, boxes_from_scene, out_of_stock, runs_of_row, shelf_rows, sku_widths
@@ -15,10 +15,13 @@ from ._planogram import Planogram, Slot, check_planogram, read_planogram
 from ._prices import PriceEntry, TagReading, ocr_price, price_embedded, read_prices, read_tag, tag_from_code, tesseract_available
 from ._audit import ShelfAudit, audit_files, audit_image, verify_prices
 from ._report import annotate, html_page, write_report
+from ._picking import PickCheck, item_key, picked_items, read_order, verify_picking
+from ._returns import CONDITIONS, ReturnCheck, check_return
 
 __all__ = ['CodeCheck', 'check_code', 'gs1_check_digit', 'upce_to_upca',
            'Code', 'Reading', 'ScanResult', 'code_regions', 'merge_readings', 'product_counts', 'scan_files', 'scan_image',
            'Box', 'Run', 'ShelfRow', 'boxes_from_detections', 'boxes_from_scene', 'out_of_stock', 'runs_of_row', 'shelf_rows', 'sku_widths',
            'Planogram', 'Slot', 'check_planogram', 'read_planogram',
            'PriceEntry', 'TagReading', 'ocr_price', 'price_embedded', 'read_prices', 'read_tag', 'tag_from_code', 'tesseract_available',
-           'ShelfAudit', 'audit_files', 'audit_image', 'verify_prices', 'annotate', 'html_page', 'write_report']
+           'ShelfAudit', 'audit_files', 'audit_image', 'verify_prices', 'annotate', 'html_page', 'write_report',
+           'PickCheck', 'item_key', 'picked_items', 'read_order', 'verify_picking', 'CONDITIONS', 'ReturnCheck', 'check_return']

@@ -16,8 +16,8 @@ from ._app import Default, app, console, given, print_json, progress, table, wor
 from ..core import read_yaml
 
 # %% auto #0
-__all__ = ['data_app', 'data_synth', 'data_validate', 'data_convert', 'store', 'data_ingest', 'data_versions', 'data_diff',
-           'data_verify', 'data_checkout', 'data_keygen']
+__all__ = ['data_app', 'INPUT_FORMATS', 'OUTPUT_FORMATS', 'data_synth', 'data_validate', 'data_convert', 'store', 'data_ingest',
+           'data_versions', 'data_diff', 'data_verify', 'data_checkout', 'data_keygen']
 
 # %% ../../nbs/92_cli_data.ipynb #c4b28f7c
 data_app = typer.Typer(no_args_is_help=True, help="Generate, validate, convert, ingest and version datasets.")
@@ -49,10 +49,14 @@ def data_synth(ctx: typer.Context,
     console.print(f"{s.images} images ({s.products} products, {s.gaps} gaps, {s.price_tags} price tags) "
                   f"written to {s.out_dir} at {s.images_per_s:.1f} images/s", highlight=False)
 
+# %% ../../nbs/92_cli_data.ipynb #c1d2a3f1
+INPUT_FORMATS = 'grocery, createml, labelstudio, cvat, roboflow, coco, yolo, voc, sku110k, folder'
+OUTPUT_FORMATS = 'createml, labelstudio, cvat, roboflow, coco, yolo, voc, folder'
+
 # %% ../../nbs/92_cli_data.ipynb #4d26f136
 @data_app.command('validate')
 def data_validate(path: Path = typer.Argument(..., help="Dataset folder or annotation file"),
-                  format: Optional[str] = typer.Option(None, '--format', '-f', help="Input format (default: detected)"),
+                  format: Optional[str] = typer.Option(None, '--format', '-f', help=f"Input format, one of {INPUT_FORMATS} (default: detected)"),
                   policy: str = typer.Option(Default('retail_cv.data.validate:validate_dataset.policy'), help="'fail': report only; 'drop': also write a cleaned copy to --out"),
                   out: Optional[Path] = typer.Option(None, help="Folder for the cleaned dataset (policy 'drop')"),
                   as_json: bool = typer.Option(False, '--json', help="Print the report as JSON")):
@@ -71,10 +75,10 @@ def data_validate(path: Path = typer.Argument(..., help="Dataset folder or annot
 @data_app.command('convert')
 def data_convert(src: Path = typer.Argument(..., help="Dataset folder or annotation file"),
                  out: Path = typer.Argument(..., help="Output folder (empty or absent)"),
-                 to: str = typer.Option(..., '--to', help="Output format: coco, yolo, voc or folder"),
-                 format: Optional[str] = typer.Option(None, '--from', help="Input format (default: detected)"),
+                 to: str = typer.Option(..., '--to', help=f"Output format, one of {OUTPUT_FORMATS}"),
+                 format: Optional[str] = typer.Option(None, '--from', help=f"Input format, one of {INPUT_FORMATS} (default: detected)"),
                  link: bool = typer.Option(False, help="Hard-link images instead of copying them")):
-    "Convert a dataset between COCO, YOLO, Pascal VOC and folder-per-class."
+    "Convert a dataset between COCO, YOLO, Pascal VOC, CreateML, Label Studio, CVAT, Roboflow and folder-per-class."
     from retail_cv.data.formats import load_dataset, save_dataset
     ds = load_dataset(src, format)
     dest = save_dataset(ds, out, to, images='link' if link else 'copy')
@@ -91,7 +95,7 @@ def store(ctx: typer.Context):
 def data_ingest(ctx: typer.Context,
                 path: Path = typer.Argument(..., help="Dataset folder or annotation file"),
                 name: str = typer.Option(..., '--name', help="Dataset name (letters, digits, '.', '_', '-')"),
-                format: Optional[str] = typer.Option(None, '--format', '-f', help="Input format (default: detected)"),
+                format: Optional[str] = typer.Option(None, '--format', '-f', help=f"Input format, one of {INPUT_FORMATS} (default: detected)"),
                 anonymise_faces: bool = typer.Option(False, '--anonymise-faces', help="Blur faces found in the images"),
                 keep_exif: bool = typer.Option(False, '--keep-exif', help="Keep EXIF/GPS metadata (stripped by default)"),
                 key_file: Optional[Path] = typer.Option(None, '--encrypt-key-file', help="Encrypt stored objects with this AES-256 key file"),

@@ -14,9 +14,13 @@ from typing import Callable
 
 from ...core import DataError
 from ._coco import _coco_file, _detect_coco, _save_coco, read_coco, write_coco
+from ._createml import _detect_createml, read_createml, write_createml
+from ._cvat import _detect_cvat, read_cvat, write_cvat
 from ._folders import _detect_folder, read_folder, write_folder
 from ._grocery import _detect_grocery, grocery_sample, read_grocery
+from ._labelstudio import _detect_labelstudio, read_labelstudio, write_labelstudio
 from ._model import SPLIT_ALIASES, Annotation, Category, Dataset, ImageRecord, Task, relabel
+from ._roboflow import _detect_roboflow, read_roboflow, write_roboflow
 from ._sizes import IMAGE_EXTENSIONS, exif_orientation, image_size
 from ._sku110k import _detect_sku, read_sku110k
 from ._voc import _detect_voc, read_voc, write_voc
@@ -25,13 +29,16 @@ from ._yolo import _detect_yolo, read_yolo, write_yolo
 
 _all_ = ['Task', 'IMAGE_EXTENSIONS', 'ImageMode', 'SPLIT_ALIASES', 'Category', 'ImageRecord', 'Annotation', 'Dataset',
          'relabel', 'exif_orientation', 'image_size', 'read_coco', 'write_coco', 'read_yolo', 'write_yolo', 'read_voc',
-         'write_voc', 'read_sku110k', 'read_folder', 'write_folder', 'read_grocery', 'grocery_sample']
+         'write_voc', 'read_sku110k', 'read_folder', 'write_folder', 'read_grocery', 'grocery_sample', 'read_createml',
+         'write_createml', 'read_labelstudio', 'write_labelstudio', 'read_cvat', 'write_cvat', 'read_roboflow', 'write_roboflow']
 
 # %% auto #0
 __all__ = ['FORMATS', 'WRITABLE_FORMATS', 'detect_format', 'load_dataset', 'save_dataset', 'Task', 'IMAGE_EXTENSIONS',
            'ImageMode', 'SPLIT_ALIASES', 'Category', 'ImageRecord', 'Annotation', 'Dataset', 'relabel',
            'exif_orientation', 'image_size', 'read_coco', 'write_coco', 'read_yolo', 'write_yolo', 'read_voc',
-           'write_voc', 'read_sku110k', 'read_folder', 'write_folder', 'read_grocery', 'grocery_sample']
+           'write_voc', 'read_sku110k', 'read_folder', 'write_folder', 'read_grocery', 'grocery_sample',
+           'read_createml', 'write_createml', 'read_labelstudio', 'write_labelstudio', 'read_cvat', 'write_cvat',
+           'read_roboflow', 'write_roboflow']
 
 # %% ../../../nbs/12b_formats_load.ipynb #8d5852cc
 @dataclass(frozen=True)
@@ -44,6 +51,10 @@ class _Format:
 # %% ../../../nbs/12b_formats_load.ipynb #95ae17f1
 FORMATS: dict[str, _Format] = {
     'grocery': _Format(read_grocery, _detect_grocery),
+    'createml': _Format(read_createml, _detect_createml, write_createml),
+    'labelstudio': _Format(read_labelstudio, _detect_labelstudio, write_labelstudio),
+    'cvat': _Format(read_cvat, _detect_cvat, write_cvat),
+    'roboflow': _Format(read_roboflow, _detect_roboflow, write_roboflow),
     'coco': _Format(lambda p, **kw: read_coco(_coco_file(Path(p)), **kw), _detect_coco, _save_coco),
     'yolo': _Format(read_yolo, _detect_yolo, write_yolo),
     'voc': _Format(read_voc, _detect_voc, write_voc),

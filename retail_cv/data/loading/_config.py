@@ -7,19 +7,25 @@ Docs: https://retail-cv.github.io/retail_cv/loading_config.html.md"""
 # %% ../../../nbs/17a_loading_config.ipynb #a1904f71
 from __future__ import annotations
 
+import logging
 import os
+import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from ...core import DataError, StrictModel
 from ..formats import SPLIT_ALIASES, Category, ImageRecord
-from ...preprocess import ResizeMode
+from ...preprocess import _PIL_ERRORS, ResizeMode
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PipelineConfig', 'LabelMap', 'split_indices']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'ROBOFLOW_COPIES', 'PipelineConfig', 'LabelMap', 'name_groups', 'perceptual_hash',
+           'hash_groups', 'image_groups', 'split_indices']
 
 # %% ../../../nbs/17a_loading_config.ipynb #3c060d95
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -120,6 +126,92 @@ def _every_kth(n: int, fraction: float) -> np.ndarray:
     j = np.arange(n)
     return np.floor((j + 1) * fraction + 0.5) - np.floor(j * fraction + 0.5) >= 1
 
+# %% ../../../nbs/17a_loading_config.ipynb #a7000001
+_log = logging.getLogger(__name__)
+ROBOFLOW_COPIES = r'^(.+)\.rf\.[0-9a-fA-F]+\.[^.]+$'  # Roboflow's `<original>_jpg.rf.<hash>.jpg`: the original is group 1
+
+# %% ../../../nbs/17a_loading_config.ipynb #a7000002
+def _union(parent: np.ndarray, a: int, b: int) -> None:
+    "Join the sets of `a` and `b` (union-find over `parent`, the smaller root wins)."
+    while parent[a] != a: a = parent[a]
+    while parent[b] != b: b = parent[b]
+    parent[max(a, b)] = min(a, b)
+
+# %% ../../../nbs/17a_loading_config.ipynb #a7000003
+def _labels(parent: np.ndarray) -> np.ndarray:
+    "Dense set number per element of a union-find forest, in order of first element."
+    root = parent.copy()
+    for i in range(len(root)): root[i] = root[root[i]]  # parents always have smaller indices, so one pass reaches the roots
+    return np.unique(root, return_inverse=True)[1].astype(np.int64)
+
+# %% ../../../nbs/17a_loading_config.ipynb #a7000005
+def name_groups(names: Sequence[str],  # image file names (only the base name counts)
+                pattern: str = ROBOFLOW_COPIES,  # regex whose first group names the original photo
+               ) -> np.ndarray:
+    "Group number per image: images whose base names give the same original share one; the others are alone."
+    rx, seen = re.compile(pattern), {}
+    keys = [(m.group(1) if (m := rx.match(PurePosixPath(n).name)) else None) for n in names]
+    return np.array([seen.setdefault(k if k is not None else ('', i), len(seen)) for i, k in enumerate(keys)], np.int64)
+
+# %% ../../../nbs/17a_loading_config.ipynb #a7000007
+_N = 32
+_DCT = np.cos(np.pi * (2 * np.arange(_N)[None] + 1) * np.arange(_N)[:, None] / (2 * _N))[:8]  # the 8 lowest DCT-II rows
+
+def _phash_pixels(g: np.ndarray) -> int:
+    "64-bit pHash of a 32x32 grey thumbnail: the signs of its lowest 8x8 frequencies against their median."
+    d = (_DCT @ g @ _DCT.T).ravel()
+    return int(np.packbits(d > np.median(d[1:])).view('>u8')[0])
+
+# %% ../../../nbs/17a_loading_config.ipynb #a7000008
+def perceptual_hash(path: str | os.PathLike,  # image file
+                   ) -> tuple[int, int] | None:
+    "64-bit pHash of an image and of its mirror image; None when it cannot be read."
+    try:
+        with Image.open(path) as im:
+            im.draft('L', (4 * _N, 4 * _N))  # JPEG: decode at a fraction of the size
+            g = np.asarray(im.convert('L').resize((_N, _N), Image.Resampling.BOX), np.float64)
+    except (FileNotFoundError, *_PIL_ERRORS): return None
+    return _phash_pixels(g), _phash_pixels(g[:, ::-1])
+
+# %% ../../../nbs/17a_loading_config.ipynb #a700000c
+def hash_groups(hashes: Sequence[tuple[int, int] | None],  # `perceptual_hash` per image (None: alone)
+                max_distance: int = 10,  # most differing bits of two copies (of 64)
+               ) -> np.ndarray:
+    "Group number per image: images within `max_distance` bits of each other (directly or mirrored, transitively) share one."
+    n, parent = len(hashes), np.arange(len(hashes))
+    ok = np.array([i for i, h in enumerate(hashes) if h is not None], np.int64)
+    if len(ok) < 2: return _labels(parent)
+    h = np.array([hashes[i] for i in ok], np.uint64)
+    for s in range(0, len(ok), 1024):
+        block = h[s:s + 1024, 0:1]
+        dist = np.minimum(np.bitwise_count(block ^ h[None, :, 0]), np.bitwise_count(block ^ h[None, :, 1]))
+        for a, b in zip(*np.nonzero(dist <= max_distance)):
+            if s + a < b: _union(parent, int(ok[s + a]), int(ok[b]))
+    return _labels(parent)
+
+# %% ../../../nbs/17a_loading_config.ipynb #a700000e
+def image_groups(images: Sequence[ImageRecord],  # the dataset's images
+                 root: str | os.PathLike | None = None,  # their folder: also group by perceptual hash; None: by name only
+                 pattern: str | None = ROBOFLOW_COPIES,  # regex whose first group names the original photo; None: not by name
+                 max_distance: int = 10,  # most differing pHash bits of two copies
+                ) -> np.ndarray:
+    "Group number per image, joining copies of one photo found by name or by look; logs a warning when it finds any."
+    n, parent = len(images), np.arange(len(images))
+    signs = []
+    if pattern: signs.append(('name', name_groups([im.file_name for im in images], pattern)))
+    if root is not None:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as ex:
+            signs.append(('look', hash_groups(list(ex.map(lambda im: perceptual_hash(Path(root)/im.file_name), images)), max_distance)))
+    for _, g in signs:
+        first = {}
+        for i, k in enumerate(g.tolist()): _union(parent, first.setdefault(k, i), i)
+    groups = _labels(parent)
+    if (n_groups := len(set(groups.tolist()))) < n:
+        sizes = np.bincount(groups)
+        _log.warning("%d of %d images are copies of another (%d groups of 2 or more, found by %s); each group is kept on one side "
+                     "of the split", int(sizes[sizes > 1].sum()), n, int((sizes > 1).sum()), ' and '.join(s for s, _ in signs))
+    return groups
+
 # %% ../../../nbs/17a_loading_config.ipynb #a085e732
 def _recorded_splits(images: Sequence[ImageRecord],  # the dataset's images, some with a split
                     ) -> dict[str, np.ndarray]:
@@ -139,18 +231,34 @@ def _drawn_splits(images: Sequence[ImageRecord],  # the dataset's images
                   test_fraction: float,  # share of 'test'
                   seed: int,  # seed of the draw
                   strata: Sequence[int] | None,  # per-image stratum (e.g. class) to spread over the splits
+                  groups: Sequence[int] | None = None,  # group per image, kept on one side; None: every image alone
                  ) -> dict[str, np.ndarray]:
     "Positions in `images` of the 'train', 'val' and 'test' images, drawn from the seed, stratified."
     n = len(images)
     ids = np.array([im.id for im in images], dtype=np.int64)
     key = np.random.default_rng(seed).random(n)[np.argsort(np.argsort(ids, kind='stable'), kind='stable')]  # random key per image id
     st = np.zeros(n, np.int64) if strata is None else np.asarray(strata, np.int64)
-    order = np.lexsort((key, st))
-    is_test = _every_kth(n, test_fraction)
+    g = np.arange(n) if groups is None else np.unique(np.asarray(groups, np.int64), return_inverse=True)[1].reshape(-1)
+    by_id = np.argsort(ids, kind='stable')
+    rep = by_id[np.unique(g[by_id], return_index=True)[1]]  # per group: its image with the smallest id
+    order = np.lexsort((key[rep], st[rep]))  # groups in stratum, key order
+    is_test = _every_kth(len(order), test_fraction)
     rest = order[~is_test]
     is_val = _every_kth(len(rest), val_fraction / (1 - test_fraction) if test_fraction < 1 else 0)
-    res = {'train': rest[~is_val], 'val': rest[is_val], 'test': order[is_test]}
-    return {k: np.sort(v).astype(np.int64) for k, v in res.items()}
+    side = np.zeros(len(order), np.int64); side[rest[is_val]] = 1; side[order[is_test]] = 2
+    return {k: np.nonzero(side[g] == s)[0].astype(np.int64) for s, k in enumerate(('train', 'val', 'test'))}
+
+# %% ../../../nbs/17a_loading_config.ipynb #a7000064
+def _warn_leaks(images: Sequence[ImageRecord], groups: np.ndarray, splits: dict[str, np.ndarray]) -> None:
+    "Log a warning naming a group of copies that recorded splits put on several sides."
+    side = np.zeros(len(images), np.int64)
+    for s, k in enumerate(('train', 'val', 'test')): side[splits[k]] = s
+    spread = {}
+    for g, s in zip(np.asarray(groups).tolist(), side.tolist()): spread.setdefault(g, set()).add(s)
+    if leaks := [g for g, ss in spread.items() if len(ss) > 1]:
+        ex = [im.file_name for im, g in zip(images, np.asarray(groups).tolist()) if g == leaks[0]]
+        _log.warning("the recorded splits put copies of one photo on several sides in %d groups (e.g. %s): scores on them "
+                     "measure memory, not generalisation", len(leaks), ', '.join(ex[:3]))
 
 # %% ../../../nbs/17a_loading_config.ipynb #77d021e7
 def split_indices(images: Sequence[ImageRecord],  # the dataset's images
@@ -158,7 +266,15 @@ def split_indices(images: Sequence[ImageRecord],  # the dataset's images
                   test_fraction: float = 0.0,  # share of 'test' when images carry no split
                   seed: int = 0,  # seed of the drawn split
                   strata: Sequence[int] | None = None,  # per-image stratum (e.g. class) to spread over the splits
+                  groups: Sequence[int] | None = None,  # group per image, kept on one side; None: `image_groups` finds them
+                  root: str | os.PathLike | None = None,  # the images' folder: also group copies by perceptual hash
+                  pattern: str | None = ROBOFLOW_COPIES,  # regex whose first group names the original photo; None: not by name
+                  max_distance: int = 10,  # most differing pHash bits of two copies
                  ) -> dict[str, np.ndarray]:
-    "Positions in `images` of the 'train', 'val' and 'test' images: the recorded splits, or a seeded draw."
-    if any(im.split for im in images): return _recorded_splits(images)
-    return _drawn_splits(images, val_fraction, test_fraction, seed, strata)
+    "Positions in `images` of the 'train', 'val' and 'test' images: the recorded splits, or a seeded draw keeping copies together."
+    if groups is None: groups = image_groups(images, root, pattern, max_distance)
+    if any(im.split for im in images):
+        res = _recorded_splits(images)
+        _warn_leaks(images, np.asarray(groups), res)
+        return res
+    return _drawn_splits(images, val_fraction, test_fraction, seed, strata, groups)
