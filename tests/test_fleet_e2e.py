@@ -91,6 +91,12 @@ class Agents:
                                                stderr=open(dev/'stderr.txt', 'ab'))
         return p
 
+    def alive(self) -> bool:
+        "True while every agent runs; an agent that exited fails the test with its stderr (not a timeout later)."
+        for dev, p in self.procs.items():
+            if p.poll() is not None: raise AssertionError(f"the agent of {dev.name} exited with {p.returncode}: {(dev/'stderr.txt').read_text()[-1500:]}")
+        return True
+
     def kill(self, dev: Path) -> int:
         "SIGKILL the device's agent; its pid."
         p = self.procs.pop(dev); p.kill(); p.wait()
@@ -226,7 +232,7 @@ def test_three_stage_rollout_to_50_agents_with_cut_downloads(tmp_path, kit):
         tokens = _enrol_tokens(srv.url, kit, 25)
         args = lambda dev: ('--server', srv.url, '--enrol-token', tokens[devs[dev]], '--interval', '0.2', '--grace', '0')
         for dev in devs: agents.start(dev, *args(dev))
-        _wait(lambda: all(_running(d) == '1' for d in devs), 240, 'all 50 agents running v1')
+        _wait(lambda: agents.alive() and all(_running(d) == '1' for d in devs), 240, 'all 50 agents running v1')
         print('T all v1', time.monotonic() - T0)
         ids = {_device_id(d): devs[d] for d in devs}
         by_id = {_device_id(d): d for d in devs}
@@ -249,7 +255,7 @@ def test_three_stage_rollout_to_50_agents_with_cut_downloads(tmp_path, kit):
                     cuts[dev] = p.stat().st_size if p.exists() else 0
                     assert _phases(dev/'agent.log', pid)[-1:] == ['download'], (dev, _phases(dev/'agent.log', pid))
                     agents.start(dev, *args(dev))
-            if time.monotonic() < checked[0] + 0.2: return False  # the .part files every few ms, the server five times a second
+            if time.monotonic() < checked[0] + 0.2 or not agents.alive(): return False  # the .part files every few ms, the server five times a second
             checked[0] = time.monotonic()
             return _rollout(srv.url, kit, rid)['state'] != 'active'
         checked = [0.0]
@@ -342,7 +348,7 @@ def small_fleet(tmp_path_factory, kit):
         def seen():
             listed = httpx.get(srv.url + '/v1/admin/status', params={'devices': True}, headers=_admin(kit)).json()['device_list']
             return len(listed) == 10 and all(d['running_version'] == 1 and d['health'] == 'ok' for d in listed)
-        _wait(seen, 120, 'all 10 devices reporting v1')
+        _wait(lambda: agents.alive() and seen(), 120, 'all 10 devices reporting v1')
         ids = {_device_id(d): devs[d] for d in devs}
         yield dict(srv=srv, devs=devs, ids=ids, by_id={_device_id(d): d for d in devs}, agents=agents, args=args, root=root)
     finally:

@@ -86,7 +86,9 @@ class FleetBase:
         ws = config.workspace
         self.workspace = None if ws is None else ws if isinstance(ws, Workspace) else Workspace.open(ws)
         self.registry = Registry(self.workspace, actor=SERVER.actor) if self.workspace is not None else None
-        if self.registry is not None: self.registry.whoami()  # fail now, not at the first audit entry, when the session may not read it
+        if self.registry is not None and self.registry.whoami().role == 'viewer':  # fail now, not at the first audit entry
+            raise ConfigError("the fleet server's registry session is a viewer; writing fleet actions into the audit log "
+                              "(Registry.record) needs the developer role or higher")
         self.audit = Auditor(self.db, self.registry)
         self.admins = AdminAuth(config.token_keys, config.revocations)
         self._no_alias: dict[str, float] = {}  # model -> when the registry last had no alias to pin
