@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # %% auto #0
 __all__ = ['Task', 'RetailCVError', 'ConfigError', 'WorkspaceError', 'DataError', 'IntegrityError', 'DependencyError',
-           'atomic_open', 'atomic_write', 'sha256_bytes', 'sha256_file', 'canonical_json', 'b64url', 'from_b64url',
-           'utc_now', 'slugify', 'pid_alive', 'git_state', 'seed_everything', 'StrictModel', 'parse_model', 'read_yaml',
-           'Settings', 'load_settings', 'Workspace']
+           'fsync_dir', 'atomic_open', 'atomic_write', 'sha256_bytes', 'sha256_file', 'canonical_json', 'b64url',
+           'from_b64url', 'utc_now', 'slugify', 'pid_alive', 'git_state', 'seed_everything', 'StrictModel',
+           'parse_model', 'read_yaml', 'Settings', 'load_settings', 'Workspace']
 
 # %% ../nbs/00_core.ipynb #1dd3010d
 class RetailCVError(Exception):
@@ -59,7 +59,7 @@ class DependencyError(RetailCVError, ImportError):
     "A required package is missing or broken."
 
 # %% ../nbs/00_core.ipynb #38ae1356
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     "Persist a rename by fsyncing the folder that holds it (a no-op where folders cannot be opened)."
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -88,7 +88,7 @@ def atomic_open(path: str | os.PathLike,  # final file name
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 # %% ../nbs/00_core.ipynb #d642f573
 def atomic_write(path: str | os.PathLike,  # final file name

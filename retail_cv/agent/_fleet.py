@@ -22,20 +22,15 @@ from pydantic import Field
 from ._device import AgentLog, DeviceConfig, DeviceDir
 from ._trust import Rejected
 from ..bundle import generate_signing_key, load_signing_key
-from ..core import (ConfigError, RetailCVError, StrictModel, _fsync_dir, atomic_write, canonical_json, parse_model,
+from ..core import (ConfigError, RetailCVError, StrictModel, atomic_write, b64url, canonical_json, fsync_dir, parse_model,
                             sha256_bytes, sha256_file)
 
 # %% auto #0
-__all__ = ['PROTOCOL', 'b64url', 'device_key', 'public_text', 'device_id_of', 'FleetLink', 'fleet_file', 'FleetRefusal',
-           'FleetClient', 'download_bundle']
+__all__ = ['PROTOCOL', 'device_key', 'public_text', 'device_id_of', 'FleetLink', 'fleet_file', 'FleetRefusal', 'FleetClient',
+           'download_bundle']
 
 # %% ../../nbs/56g_agent_fleet.ipynb #903cb5c8
 PROTOCOL = 1  # the fleet protocol version this agent speaks
-
-# %% ../../nbs/56g_agent_fleet.ipynb #098a3da5
-def b64url(data: bytes) -> str:
-    "base64url without padding, as the protocol sends keys and signatures."
-    return base64.urlsafe_b64encode(data).rstrip(b'=').decode()
 
 # %% ../../nbs/56g_agent_fleet.ipynb #db605271
 def device_key(dev: DeviceDir,  # the device folder
@@ -205,5 +200,5 @@ def download_bundle(client: FleetClient,  # an enrolled client
     if got != sha:
         part.unlink()
         raise Rejected('tampered', f"download of {bundle['url']} has sha256 {got[:16]}..., the desired state says {sha[:16]}...")
-    os.replace(part, final); _fsync_dir(final.parent)
+    os.replace(part, final); fsync_dir(final.parent)
     return final

@@ -26,7 +26,7 @@ from ._fleet import FleetClient, FleetRefusal, download_bundle
 from ._health import read_counters
 from ._trust import Rejected
 from ._verify import Verdict
-from ..core import ConfigError, RetailCVError, _fsync_dir
+from ..core import ConfigError, RetailCVError, fsync_dir
 
 # %% auto #0
 __all__ = ['copy_drop', 'take_drop', 'bundle_ref', 'report_body', 'report_pending', 'sync_fleet', 'connect', 'run']
@@ -42,7 +42,7 @@ def copy_drop(src: Path,  # a settled file of the drop folder
         while chunk := fi.read(1 << 20): h.update(chunk); fo.write(chunk)
         fo.flush(); os.fsync(fo.fileno())
     final = downloads/(h.hexdigest() + ('.tar.gz' if src.name.endswith(('.tar.gz', '.tgz')) else '.tar'))
-    os.replace(part, final); _fsync_dir(downloads)
+    os.replace(part, final); fsync_dir(downloads)
     return final, h.hexdigest()
 
 # %% ../../nbs/56i_agent_run.ipynb #cba4c5c8

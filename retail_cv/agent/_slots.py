@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._device import DeviceDir
 from ..bundle import BundleInfo, verify_bundle
-from ..bundle._verify import _Reader  # the bundle's own safe reader of folders and tar archives
-from ..core import IntegrityError, _fsync_dir
+from ..bundle import BundleReader  # the bundle's own safe reader of folders and tar archives
+from ..core import IntegrityError, fsync_dir
 
 # %% auto #0
 __all__ = ['SLOT_NAMES', 'point_link', 'drop_link', 'slot_of', 'spare_slot', 'unpack_bundle', 'stage_slot', 'commit_slot',
@@ -35,16 +35,16 @@ def point_link(link: Path,  # the link to (re)write: `current` or `previous`
     tmp = link.with_name(f'.{link.name}.tmp-{os.getpid()}')
     with contextlib.suppress(FileNotFoundError): tmp.unlink()
     os.symlink(target, tmp)
-    _fsync_dir(link.parent)  # the new link is on disk before it replaces the old one
+    fsync_dir(link.parent)  # the new link is on disk before it replaces the old one
     os.replace(tmp, link)
-    _fsync_dir(link.parent)  # and so is the rename
+    fsync_dir(link.parent)  # and so is the rename
 
 # %% ../../nbs/56d_agent_slots.ipynb #e57bb43b
 def drop_link(link: Path) -> None:
     "Remove `link` (when it exists) and fsync its folder."
     with contextlib.suppress(FileNotFoundError):
         link.unlink()
-        _fsync_dir(link.parent)
+        fsync_dir(link.parent)
 
 # %% ../../nbs/56d_agent_slots.ipynb #296d77cf
 def slot_of(link: Path,  # `current` or `previous`
@@ -65,7 +65,7 @@ def unpack_bundle(source: str | os.PathLike,  # bundle archive (or folder)
                   max_bytes: int = 8 << 30,  # refuse bundles that would unpack to more than this
                  ) -> Path:
     "Unpack a bundle into the new folder `dest`, every member name checked by the bundle reader, every file and folder fsynced."
-    r = _Reader(Path(source))
+    r = BundleReader(Path(source))
     try:
         if (total := sum(r.sizes.values())) > max_bytes: raise IntegrityError(f"bundle {source} unpacks to {total} bytes, more than {max_bytes}")
         dest.mkdir(parents=True)
@@ -75,7 +75,7 @@ def unpack_bundle(source: str | os.PathLike,  # bundle archive (or folder)
             out.parent.mkdir(parents=True, exist_ok=True)
             with r.open(name) as src, open(out, 'xb') as f:
                 shutil.copyfileobj(src, f, 1 << 20); f.flush(); os.fsync(f.fileno())
-        for folder in sorted({p for n in r.sizes for p in (dest/n).parents if p.is_relative_to(dest)}, reverse=True): _fsync_dir(folder)
+        for folder in sorted({p for n in r.sizes for p in (dest/n).parents if p.is_relative_to(dest)}, reverse=True): fsync_dir(folder)
     finally: r.close()
     return dest
 
@@ -89,7 +89,7 @@ def stage_slot(dev: DeviceDir,  # the device folder
     if slot_of(dev.previous) == slot: drop_link(dev.previous)
     staging = dev.slots/f'.stage-{slot}'
     for old in (staging, dev.slot(slot)): shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(dev.slots)
+    fsync_dir(dev.slots)
     return unpack_bundle(source, staging)
 
 # %% ../../nbs/56d_agent_slots.ipynb #4cb26f76
@@ -98,7 +98,7 @@ def commit_slot(dev: DeviceDir,  # the device folder
                ) -> Path:
     "Rename the staging folder of `slot` into place and fsync `slots/`."
     os.replace(dev.slots/f'.stage-{slot}', dev.slot(slot))
-    _fsync_dir(dev.slots)
+    fsync_dir(dev.slots)
     return dev.slot(slot)
 
 # %% ../../nbs/56d_agent_slots.ipynb #23cef06b
@@ -142,5 +142,5 @@ def recover_slots(dev: DeviceDir,  # the device folder
         roll_back(dev); cur, prev = prev, None
     if dev.previous.is_symlink() and (prev is None or slot_of(dev.previous) == slot_of(dev.current)):
         drop_link(dev.previous); prev = None; notes.append("dropped previous: it does not verify or names the running slot")
-    if notes: _fsync_dir(dev.root); _fsync_dir(dev.slots)
+    if notes: fsync_dir(dev.root); fsync_dir(dev.slots)
     return cur, prev, notes

@@ -34,7 +34,7 @@ from ._schema import (BUNDLE_FORMAT_VERSION, CARD_FILE, CARD_HTML_FILE, GOLDEN_D
                                       PrecisionMeasurement, Provenance, TensorSpec, contract_mismatches)
 from ._reference import (REFERENCE_FILE, REFERENCE_SCHEMA, STAT_NAMES, Summary, compute_reference, load_reference,
                                          parse_reference, reference_json, summarise)
-from ._verify import BundleInfo, _walk_dir, sign_bundle, verify_bundle
+from ._verify import BundleInfo, BundleReader, _walk_dir, sign_bundle, verify_bundle
 from ..core import ConfigError, Workspace, atomic_open, atomic_write, parse_model, utc_now
 from ..preprocess import ImageSource, PostprocessSpec, load_image, preprocess
 from ..profiles import Task
@@ -47,15 +47,16 @@ __all__ = ['pack_bundle', 'build_bundle', 'BUNDLE_FORMAT_VERSION', 'MODEL_FILE',
            'contract_mismatches', 'PrecisionMeasurement', 'PrecisionChoice', 'Latency', 'Provenance', 'Golden',
            'BundleMeta', 'FileEntry', 'Manifest', 'SIGNING_KEY_ENV', 'TRUSTED_KEYS_ENV', 'public_key_id',
            'SigningKeyFiles', 'generate_signing_key', 'load_signing_key', 'load_public_keys', 'ModelCard', 'card_html',
-           'model_card', 'sign_bundle', 'BundleInfo', 'verify_bundle', 'REFERENCE_FILE', 'REFERENCE_SCHEMA',
-           'STAT_NAMES', 'Summary', 'summarise', 'compute_reference', 'parse_reference', 'load_reference']
+           'model_card', 'sign_bundle', 'BundleInfo', 'BundleReader', 'verify_bundle', 'REFERENCE_FILE',
+           'REFERENCE_SCHEMA', 'STAT_NAMES', 'Summary', 'summarise', 'compute_reference', 'parse_reference',
+           'load_reference']
 
 # %% ../../nbs/09_bundle.ipynb #d131a29b
 _all_ = ['BUNDLE_FORMAT_VERSION', 'MODEL_FILE', 'META_FILE', 'CARD_FILE', 'CARD_HTML_FILE', 'MANIFEST_FILE',
          'SIGNATURE_FILE', 'GOLDEN_DIR', 'GOLDEN_EXPECTED', 'TensorSpec', 'Contract', 'contract_mismatches',
          'PrecisionMeasurement', 'PrecisionChoice', 'Latency', 'Provenance', 'Golden', 'BundleMeta', 'FileEntry',
          'Manifest', 'SIGNING_KEY_ENV', 'TRUSTED_KEYS_ENV', 'public_key_id', 'SigningKeyFiles', 'generate_signing_key',
-         'load_signing_key', 'load_public_keys', 'ModelCard', 'card_html', 'model_card', 'sign_bundle', 'BundleInfo',
+         'load_signing_key', 'load_public_keys', 'ModelCard', 'card_html', 'model_card', 'sign_bundle', 'BundleInfo', 'BundleReader',
          'verify_bundle', 'REFERENCE_FILE', 'REFERENCE_SCHEMA', 'STAT_NAMES', 'Summary', 'summarise',
          'compute_reference', 'parse_reference', 'load_reference']
 

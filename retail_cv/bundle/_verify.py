@@ -31,7 +31,7 @@ from ..core import (ConfigError, IntegrityError, Workspace, atomic_write, canoni
                             sha256_bytes, sha256_file)
 
 # %% auto #0
-__all__ = ['sign_bundle', 'BundleInfo', 'verify_bundle']
+__all__ = ['sign_bundle', 'BundleReader', 'BundleInfo', 'verify_bundle']
 
 # %% ../../nbs/08_bundle_verify.ipynb #a96bcf8c
 def _walk_dir(root: Path) -> dict[str, int]:
@@ -110,7 +110,7 @@ def _open_tar(path: Path) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
         raise
 
 # %% ../../nbs/08_bundle_verify.ipynb #892748ed
-class _Reader:
+class BundleReader:
     "Uniform access to the files of a bundle folder or archive, without extracting anything."
     def __init__(self, path: Path):
         self.path, self.tar = path, None
@@ -143,7 +143,7 @@ class _Reader:
 # %% ../../nbs/08_bundle_verify.ipynb #a815199a
 _SMALL = 16 << 20  # largest MANIFEST.json, signature.sig or bundle.json read
 
-def _read_manifest(r: _Reader) -> bytes:
+def _read_manifest(r: BundleReader) -> bytes:
     "The manifest's bytes, after checking that the bundle is signed and its format is one this code reads."
     for required in (MANIFEST_FILE, SIGNATURE_FILE):
         if required not in r.sizes:
@@ -159,7 +159,7 @@ def _read_manifest(r: _Reader) -> bytes:
     return raw
 
 # %% ../../nbs/08_bundle_verify.ipynb #6b76193a
-def _check_signature(r: _Reader, manifest: bytes, trusted: Mapping[str, Ed25519PublicKey]) -> str:
+def _check_signature(r: BundleReader, manifest: bytes, trusted: Mapping[str, Ed25519PublicKey]) -> str:
     "Key id of the trusted key whose signature over `manifest` verifies; IntegrityError otherwise."
     where = f"bundle {r.path}"
     try:
@@ -178,7 +178,7 @@ def _check_signature(r: _Reader, manifest: bytes, trusted: Mapping[str, Ed25519P
     return kid
 
 # %% ../../nbs/08_bundle_verify.ipynb #08f53a47
-def _check_files(r: _Reader, manifest: Manifest) -> None:
+def _check_files(r: BundleReader, manifest: Manifest) -> None:
     "Every listed file present with its size and hash; no other file."
     where = f"bundle {r.path}"
     present = set(r.sizes) - {MANIFEST_FILE, SIGNATURE_FILE}
@@ -195,7 +195,7 @@ def _check_files(r: _Reader, manifest: Manifest) -> None:
                                  f"{MANIFEST_FILE}'s {entry.sha256[:16]}...")
 
 # %% ../../nbs/08_bundle_verify.ipynb #145628f4
-def _parse_meta(r: _Reader, manifest: Manifest) -> BundleMeta:
+def _parse_meta(r: BundleReader, manifest: Manifest) -> BundleMeta:
     "The bundle's `bundle.json`, checked against the schema and the manifest."
     where = f"bundle {r.path}"
     for required in (META_FILE, MODEL_FILE, CARD_FILE):
@@ -211,7 +211,7 @@ def _parse_meta(r: _Reader, manifest: Manifest) -> BundleMeta:
 # %% ../../nbs/08_bundle_verify.ipynb #17876ee4
 def _read_signed(path: Path, name: str, entry: FileEntry) -> bytes:
     "File `name` of the bundle at `path`, read again and checked against its manifest entry."
-    r = _Reader(path)
+    r = BundleReader(path)
     try:
         if name not in r.sizes: raise IntegrityError(f"bundle {path}: {name} is missing (it was there when verified)")
         data = r.read(name, entry.size)
@@ -256,7 +256,7 @@ def verify_bundle(path: str | os.PathLike,  # bundle folder or tar archive
     "Check a bundle's signature, files and schema; return its `BundleInfo` or raise `IntegrityError` naming what failed."
     trusted = load_public_keys(trusted_keys, workspace)
     path = Path(path)
-    r = _Reader(path)
+    r = BundleReader(path)
     try:
         raw = _read_manifest(r)
         key_id = _check_signature(r, raw, trusted)

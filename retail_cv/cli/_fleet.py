@@ -15,17 +15,15 @@ import typer
 
 from ._app import app, console, err_console, print_json, table, workspace
 from ..core import ConfigError, RetailCVError, atomic_write
+from ..credentials import TOKEN_KEYS_ENV
 
 # %% auto #0
-__all__ = ['FLEET_URL_ENV', 'FLEET_TOKEN_ENV', 'FLEET_TOKEN_KEYS_ENV', 'FLEET_SIGNING_KEY_ENV', 'fleet_app', 'FleetClient',
-           'fleet_serve', 'fleet_admin_token', 'fleet_enrol_token', 'show_rollout', 'fleet_rollout', 'fleet_pause',
-           'fleet_resume', 'fleet_abort', 'fleet_revoke', 'fleet_status', 'fleet_spec']
+__all__ = ['FLEET_URL_ENV', 'FLEET_TOKEN_ENV', 'fleet_app', 'FleetClient', 'fleet_serve', 'fleet_enrol_token', 'show_rollout',
+           'fleet_rollout', 'fleet_pause', 'fleet_resume', 'fleet_abort', 'fleet_revoke', 'fleet_status', 'fleet_spec']
 
 # %% ../../nbs/98c_cli_fleet.ipynb #f3b37d89
 FLEET_URL_ENV = 'RETAIL_CV_FLEET_URL'  # the fleet server the admin commands talk to
 FLEET_TOKEN_ENV = 'RETAIL_CV_FLEET_TOKEN'  # the admin token they send
-FLEET_TOKEN_KEYS_ENV = 'RETAIL_CV_FLEET_TOKEN_KEYS'  # issuer public key files the server checks admin tokens with (os.pathsep-separated)
-FLEET_SIGNING_KEY_ENV = 'RETAIL_CV_FLEET_SIGNING_KEY'  # the issuer's private key file `admin-token` signs with
 
 fleet_app = typer.Typer(no_args_is_help=True, help="Fleet delivery: the server, enrolment tokens, staged rollouts, status.")
 app.add_typer(fleet_app, name='fleet')
@@ -36,7 +34,7 @@ class FleetClient:
     def __init__(self, server: str | None, token_file: Path | None = None):
         self.server = (server or os.environ.get(FLEET_URL_ENV) or 'http://127.0.0.1:8090').rstrip('/')
         token = token_file.read_text().strip() if token_file else os.environ.get(FLEET_TOKEN_ENV, '').strip()
-        if not token: raise ConfigError(f"no admin token: set ${FLEET_TOKEN_ENV} or pass --token-file (retail-cv fleet admin-token)")
+        if not token: raise ConfigError(f"no admin token: set ${FLEET_TOKEN_ENV} or pass --token-file (retail-cv token issue NAME --scope fleet:admin)")
         self.headers = {'Authorization': f'Bearer {token}'}
 
     def __call__(self, method: str, path: str,
@@ -63,7 +61,7 @@ def fleet_serve(ctx: typer.Context,
                 host: str = typer.Option('127.0.0.1', help="Address to listen on"),
                 port: int = typer.Option(8090, help="Port"),
                 trusted_keys: Optional[list[Path]] = typer.Option(None, help="Bundle signing public keys (default: $RETAIL_CV_TRUSTED_KEYS, then the workspace's)"),
-                token_keys: Optional[list[Path]] = typer.Option(None, help=f"Admin token issuer public keys (default: ${FLEET_TOKEN_KEYS_ENV})"),
+                token_keys: Optional[list[Path]] = typer.Option(None, help=f"Admin token issuer public keys (default: ${TOKEN_KEYS_ENV})"),
                 revocations: Optional[Path] = typer.Option(None, help="Revoked admin token ids, one a line (re-read when it changes)"),
                 poll_interval: int = typer.Option(60, help="Seconds between device polls"),
                 skew: int = typer.Option(300, help="Seconds a signed time may differ from the server's"),
@@ -72,24 +70,12 @@ def fleet_serve(ctx: typer.Context,
                 no_registry: bool = typer.Option(False, '--no-registry', help="Run without the workspace's registry (no rollouts; audit in the fleet database)")):
     "Run the fleet server: enrolment, desired state, bundle downloads, reports, rollouts (docs at /docs, the fleet page at /fleet)."
     from retail_cv.fleet import FleetConfig, serve
-    keys = [str(p) for p in token_keys or []] or [s for s in os.environ.get(FLEET_TOKEN_KEYS_ENV, '').split(os.pathsep) if s]
-    if not keys: err_console.print(f"no admin token issuer keys (--token-keys or ${FLEET_TOKEN_KEYS_ENV}): admin calls are refused", highlight=False)
+    keys = [str(p) for p in token_keys or []] or [s for s in os.environ.get(TOKEN_KEYS_ENV, '').split(os.pathsep) if s]
+    if not keys: err_console.print(f"no admin token issuer keys (--token-keys or ${TOKEN_KEYS_ENV}): admin calls are refused", highlight=False)
     cfg = FleetConfig(db, bundles, None if no_registry else workspace(ctx), trusted_keys or None, keys or None, revocations,
                       poll_interval_s=poll_interval, skew_s=skew, alias=alias, tick_s=tick)
     err_console.print(f"fleet server on http://{host}:{port} (fleet page /fleet, API docs /docs)", highlight=False)
     serve(cfg, host=host, port=port, log_level='info')
-
-# %% ../../nbs/98c_cli_fleet.ipynb #c283b638
-@fleet_app.command('admin-token')
-def fleet_admin_token(subject: str = typer.Argument(..., help="Who the token is for (recorded as the actor of every action)"),
-                      key: Optional[Path] = typer.Option(None, help=f"Issuer private key (PEM; default: ${FLEET_SIGNING_KEY_ENV})"),
-                      ttl_days: float = typer.Option(1, help="Lifetime in days")):
-    "Issue a fleet admin token (scope fleet:admin); print it, keep it secret."
-    from retail_cv.bundle import load_signing_key
-    from retail_cv.credentials import issue_token
-    source = key or os.environ.get(FLEET_SIGNING_KEY_ENV)
-    if not source: raise ConfigError(f"no issuer key: pass --key or set ${FLEET_SIGNING_KEY_ENV}")
-    typer.echo(issue_token(load_signing_key(source), subject, ['fleet:admin'], int(ttl_days * 86400)))
 
 # %% ../../nbs/98c_cli_fleet.ipynb #a1bb312c
 @fleet_app.command('enrol-token')

@@ -36,7 +36,7 @@ class AdminAuth:
         if self.verifier is None: raise FleetError(401, 'unauthorized', "this server has no token issuer keys; admin calls are off")
         scheme, _, token = (authorization or '').partition(' ')
         if scheme.lower() != 'bearer' or not token.strip():
-            raise FleetError(401, 'unauthorized', "no bearer token: send 'Authorization: Bearer <token>' (retail-cv fleet admin-token)")
+            raise FleetError(401, 'unauthorized', "no bearer token: send 'Authorization: Bearer <token>' (retail-cv token issue NAME --scope fleet:admin)")
         try: claims = self.verifier.require(token.strip(), ADMIN_SCOPE)
         except TokenError as e: raise FleetError(401, 'unauthorized', str(e)) from None
         except ScopeError as e: raise FleetError(403, 'forbidden', str(e)) from None

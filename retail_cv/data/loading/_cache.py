@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ...core import DataError, WorkspaceError, _fsync_dir, atomic_write, pid_alive
+from ...core import DataError, WorkspaceError, fsync_dir, atomic_write, pid_alive
 from ..formats import Dataset
 from ._decode import decode_image_bytes, resize_image
 from ...preprocess import ResizeMode
@@ -136,7 +136,7 @@ def _write_cache(folder: Path,  # empty folder to write into
             'count': n, 'files_sha256': hashlib.sha256('\0'.join(file_names).encode()).hexdigest(),
             'build_seconds': round(time.perf_counter() - t0, 3)}
     atomic_write(folder/'meta.json', json.dumps(meta, indent=1))
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return meta
 
 # %% ../../../nbs/18a_loading_cache.ipynb #5e9af243
@@ -171,7 +171,7 @@ def _build_cache(final: Path,  # the cache folder to create
             if not (final/'meta.json').exists(): raise
             shutil.rmtree(tmp, ignore_errors=True)
             return False
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
