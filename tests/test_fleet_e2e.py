@@ -226,14 +226,12 @@ def test_three_stage_rollout_to_50_agents_with_cut_downloads(tmp_path, kit):
                       poll_interval_s=1, tick_s=0.5)
     srv = FleetServer(cfg)
     counter = srv.server.config.app = ByteCounter(srv.app)  # the real app, its bundle bytes counted on the way out
-    T0 = time.monotonic()
     devs = _devices(tmp_path, kit, 50)
     with srv, Agents() as agents:
         tokens = _enrol_tokens(srv.url, kit, 25)
         args = lambda dev: ('--server', srv.url, '--enrol-token', tokens[devs[dev]], '--interval', '0.2', '--grace', '0')
         for dev in devs: agents.start(dev, *args(dev))
-        _wait(lambda: agents.alive() and all(_running(d) == '1' for d in devs), 240, 'all 50 agents running v1')
-        print('T all v1', time.monotonic() - T0)
+        _wait(lambda: agents.alive() and all(_running(d) == '1' for d in devs), 240, 'all 50 agents running v1', every=0.2)
         ids = {_device_id(d): devs[d] for d in devs}
         by_id = {_device_id(d): d for d in devs}
         stage_of = _canaries(ids, [5, 25, 100])
@@ -243,17 +241,19 @@ def test_three_stage_rollout_to_50_agents_with_cut_downloads(tmp_path, kit):
                     '--json', '--reason', 'e2e', env={'RETAIL_CV_FLEET_TOKEN': kit['admin_token'], 'RETAIL_CV_WORKSPACE': str(kit['ws'].root)})
         assert r.returncode == 0, r.stderr
         rid = json.loads(r.stdout)['id']
-        print('T rollout started', time.monotonic() - T0)
         cuts: dict[Path, int] = {}  # device -> bytes its .part held when the agent was killed
+        missed: set[Path] = set()  # killed, but the download had finished meanwhile
 
         def progress():
             for dev in cut:
-                if dev in cuts or dev not in agents.procs: continue
-                size = os.path.getsize(p) if (p := dev/'downloads'/f"{kit['sha'][2, devs[dev]]}.tar.part").exists() else 0
-                if 0 < size < kit['paths'][2, devs[dev]].stat().st_size:
+                if dev in cuts or dev in missed: continue
+                part, total = dev/'downloads'/f"{kit['sha'][2, devs[dev]]}.tar.part", kit['paths'][2, devs[dev]].stat().st_size
+                if 0 < (part.stat().st_size if part.exists() else 0) < total:
                     pid = agents.kill(dev)
-                    cuts[dev] = p.stat().st_size if p.exists() else 0
-                    assert _phases(dev/'agent.log', pid)[-1:] == ['download'], (dev, _phases(dev/'agent.log', pid))
+                    if 0 < (n := part.stat().st_size if part.exists() else 0) < total:
+                        cuts[dev] = n
+                        assert _phases(dev/'agent.log', pid)[-1:] == ['download'], (dev, _phases(dev/'agent.log', pid))
+                    else: missed.add(dev)
                     agents.start(dev, *args(dev))
             if time.monotonic() < checked[0] + 0.2 or not agents.alive(): return False  # the .part files every few ms, the server five times a second
             checked[0] = time.monotonic()
@@ -262,9 +262,7 @@ def test_three_stage_rollout_to_50_agents_with_cut_downloads(tmp_path, kit):
         _wait(progress, 240, 'the rollout to finish', every=0.002)
         ro = _rollout(srv.url, kit, rid)
         status = httpx.get(srv.url + '/v1/admin/status', headers=_admin(kit)).json()
-        print('T rollout done', time.monotonic() - T0)
         codes = agents.stop()
-        print('T stopped', time.monotonic() - T0)
     assert ro['state'] == 'completed', ro
     assert [s['devices'] for s in ro['stages']] == [4, 10, 36] and all(s['state'] == 'passed' for s in ro['stages']), ro['stages']
     assert status['releases'][MODEL] == 2 and status['by_version'][MODEL] == {'2': 50}, status
@@ -280,17 +278,20 @@ def test_three_stage_rollout_to_50_agents_with_cut_downloads(tmp_path, kit):
     for did, profile in ids.items():
         for v in (1, 2):
             size, got = kit['paths'][v, profile].stat().st_size, counter.of(did, kit['sha'][v, profile])
+            if by_id[did] in missed and v == 2: continue
             if v == 1 or by_id[did] not in cuts:
                 assert [(g['status'], g['range'], g['bytes']) for g in got] == [(200, None, size)], (did, v, got)
                 continue
             n = cuts[by_id[did]]
-            assert got[0]['status'] == 200 and got[-1] == {**got[-1], 'status': 206, 'range': f'bytes={n}-', 'bytes': size - n}, got
+            cut_req, resumed = got  # the request the kill cut, and the one after the restart: from byte n on, n + (size - n) on disk
+            assert (cut_req['status'], cut_req['range']) == (200, None) and cut_req['bytes'] >= n, got
+            assert (resumed['status'], resumed['range'], resumed['bytes']) == (206, f'bytes={n}-', size - n), got
             assert f"resumes at byte {n} of {size}" in (by_id[did]/'agent.log').read_text()
-            ratios[did] = sum(g['bytes'] for g in got) / size
+            ratios[did] = (cut_req['bytes'] + resumed['bytes']) / size
         other = kit['sha'][2, PROFILES[1 - PROFILES.index(profile)]]
         assert not counter.of(did, other)  # never the other profile's bundle
-    print(f"cut {len(cuts)} downloads at bytes {sorted(cuts.values())}; bytes served / bundle size for them: "
-          f"{sorted(round(r, 2) for r in ratios.values())}")
+    print(f"cut {len(cuts)} downloads at bytes {sorted(cuts.values())} ({len(missed)} kills came too late); bytes sent / bundle size "
+          f"for them {sorted(round(r, 2) for r in ratios.values())} (what sat in socket buffers at the kill counts as sent)")
 
 
 # ---- 2 and 3: a smaller fleet on `retail-cv fleet serve` --------------------------------------------------------

@@ -33,7 +33,7 @@ def _served_name(url: str) -> str:
     if name.startswith('/data/upload/'): return re.sub(r'^[0-9a-f]{8}-', '', PurePosixPath(name).name)
     return PurePosixPath(name).name if u.scheme or name.startswith('/') else name
 
-# %% ../../../nbs/11e_formats_labelstudio.ipynb #71f25dbe
+# %% ../../../nbs/11e_formats_labelstudio.ipynb #95a9a7d9
 def _ls_region(r: dict, src: str, where: str) -> tuple[str, tuple[float, float, float, float], dict[str, Any], tuple[int, int]]:
     "(label, box x, y, w, h in percent, attributes, original (width, height) or 0s) of one `rectanglelabels` region."
     v = _typed(r, 'value', 'mapping', src, where)
@@ -42,6 +42,7 @@ def _ls_region(r: dict, src: str, where: str) -> tuple[str, tuple[float, float, 
     if not isinstance(labels, list) or len(labels) != 1 or not isinstance(labels[0], str):
         raise DataError(f"{src}: {where}.value field 'rectanglelabels' must be a list of one label, got {labels!r:.60}")
     rot, attrs = float(_typed(v, 'rotation', 'number', src, f'{where}.value', 0)), {}
+    if not math.isfinite(rot): raise DataError(f"{src}: {where}.value field 'rotation' is {rot}, expected a finite number of degrees")
     if rot % 360:
         c, s = math.cos(math.radians(rot)), math.sin(math.radians(rot))
         xs, ys = [x + u * c - t * s for u, t in ((0, 0), (w, 0), (w, h), (0, h))], [y + u * s + t * c for u, t in ((0, 0), (w, 0), (w, h), (0, h))]
