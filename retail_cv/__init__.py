@@ -10,8 +10,10 @@ these packages and modules, bottom layer first:
 - `retail_cv.bundle`, `retail_cv.credentials`: signed edge bundles; signed bearer tokens with scopes
 - `retail_cv.data` (`formats`, `synth`, `validate`, `privacy`, `store`, `loading`): datasets in, checked, anonymised, versioned, loaded
 - `retail_cv.runtime`, `retail_cv.registry`: running a bundle on a device; model versions, aliases, lineage, signed audit
+- `retail_cv.agent`, `retail_cv.apps`: the device's update agent (A/B slots, watchdog, drop folders, fleet client); barcode inventory, shelf audit, picking, returns
 - `retail_cv.train` (and `retail_cv.train.callbacks`), `retail_cv.evaluate`, `retail_cv.jobs`, `retail_cv.tracking`: training, measuring, job runs, W&B
-- `retail_cv.tune`, `retail_cv.export`, `retail_cv.pipeline`, `retail_cv.k8s`, `retail_cv.serve`: search, export, job DAGs, Kubernetes, the HTTP service
+- `retail_cv.tune`, `retail_cv.export`, `retail_cv.pipeline`, `retail_cv.k8s`, `retail_cv.serve`, `retail_cv.fleet`: search, export, job DAGs, Kubernetes, the HTTP service, the fleet server
+- `retail_cv.monitor`: drift of live traffic against the bundle's reference, alerts
 - `retail_cv.demo`, `retail_cv.docs`, `retail_cv.cli`: the demo walk, the docs site, the `retail-cv` command
 
 Modules:

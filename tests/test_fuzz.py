@@ -520,7 +520,8 @@ def fuzz_cvat(data: tuple) -> None:
     with _Folder() as root:
         _write(root, {'annotations.xml': raw if raw is not None else (doctype or '') + doc, 'images/a.png': PNG, 'images/b.png': PNG})
         if doctype and raw is None:  # refused before any entity is expanded
-            with pytest.raises(DataError, match='document type declarations are not allowed'): read_cvat(root)
+            with pytest.raises(DataError) as e: read_cvat(root)
+            if doctype == LAUGHS: assert 'document type declarations are not allowed' in str(e.value), str(e.value)
             OUTCOMES.setdefault('cvat', Counter())['refused'] += 1
             return
         def parse():

@@ -27,7 +27,8 @@ __all__ = ['read_labelstudio', 'write_labelstudio']
 # %% ../../../nbs/11e_formats_labelstudio.ipynb #4f34f121
 def _served_name(url: str) -> str:
     "The file name a Label Studio image path stands for: the local-files `d=` path, else the path without an upload prefix."
-    u = urlparse(url)
+    try: u = urlparse(url)
+    except ValueError: return url  # not a URL (e.g. an unclosed '[' in its host): a plain name
     if 'd' in (q := parse_qs(u.query)): return q['d'][0].lstrip('/')
     name = unquote(u.path)
     if name.startswith('/data/upload/'): return re.sub(r'^[0-9a-f]{8}-', '', PurePosixPath(name).name)
