@@ -17,6 +17,7 @@ import shutil
 import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -110,29 +111,36 @@ def _decode_into(images: np.ndarray,  # N x H x W x 3 uint8 to fill
             for f in pending: f.cancel()
             raise
 
+# %% ../../../nbs/18a_loading_cache.ipynb #20d1359d
+@dataclass(frozen=True)
+class _CacheJob:
+    "What one cache build decodes, and how."
+    cache_key: str  # identity of the dataset content
+    file_names: Sequence[str]  # images in cache order
+    read_bytes: Callable[[str], bytes]  # file name -> encoded bytes
+    size: tuple[int, int]  # (height, width)
+    mode: ResizeMode  # letterbox | stretch | crop
+    pad_value: int  # letterbox padding
+    expected_sizes: Sequence[tuple[int, int]] | None  # recorded (width, height) per image
+    threads: int  # decoding threads
+    progress: bool  # show a rich progress bar
+
 # %% ../../../nbs/18a_loading_cache.ipynb #b833c364
 _CACHE_FORMAT = 1
 
 def _write_cache(folder: Path,  # empty folder to write into
-                 cache_key: str,  # identity of the dataset content
-                 file_names: Sequence[str],  # images in cache order
-                 read_bytes: Callable[[str], bytes],  # file name -> encoded bytes
-                 size: tuple[int, int],  # (height, width)
-                 mode: ResizeMode,  # letterbox | stretch | crop
-                 pad_value: int,  # letterbox padding
-                 expected_sizes: Sequence[tuple[int, int]] | None,  # recorded (width, height) per image
-                 threads: int,  # decoding threads
-                 progress: bool,  # show a rich progress bar
+                 job: _CacheJob,  # what to decode, and how
                 ) -> dict:
     "Decode every image into `images.npy` and `geometry.npy` under `folder`, then write `meta.json`; return the meta."
-    n, (H, W), t0 = len(file_names), size, time.perf_counter()
+    file_names, mode, pad_value = job.file_names, job.mode, job.pad_value
+    n, (H, W), t0 = len(file_names), job.size, time.perf_counter()
     images = np.lib.format.open_memmap(folder/'images.npy', mode='w+', dtype=np.uint8, shape=(n, H, W, 3))
     geometry = np.zeros((n, 6), np.float32)
-    _decode_into(images, geometry, file_names, read_bytes, mode, pad_value, expected_sizes, threads, progress)
+    _decode_into(images, geometry, file_names, job.read_bytes, mode, pad_value, job.expected_sizes, job.threads, job.progress)
     images.flush(); del images
     _fsync_file(folder/'images.npy')
     with open(folder/'geometry.npy', 'wb') as f: np.save(f, geometry); f.flush(); os.fsync(f.fileno())
-    meta = {'format': _CACHE_FORMAT, 'cache_key': cache_key, 'size': [H, W], 'mode': mode, 'pad_value': pad_value,
+    meta = {'format': _CACHE_FORMAT, 'cache_key': job.cache_key, 'size': [H, W], 'mode': mode, 'pad_value': pad_value,
             'count': n, 'files_sha256': hashlib.sha256('\0'.join(file_names).encode()).hexdigest(),
             'build_seconds': round(time.perf_counter() - t0, 3)}
     atomic_write(folder/'meta.json', json.dumps(meta, indent=1))
@@ -143,29 +151,21 @@ def _write_cache(folder: Path,  # empty folder to write into
 _log = logging.getLogger(__name__)
 
 def _build_cache(final: Path,  # the cache folder to create
-                 cache_key: str,  # identity of the dataset content
-                 file_names: Sequence[str],  # images in cache order
-                 read_bytes: Callable[[str], bytes],  # file name -> encoded bytes
-                 size: tuple[int, int],  # (height, width)
-                 mode: ResizeMode,  # letterbox | stretch | crop
-                 pad_value: int,  # letterbox padding
-                 expected_sizes: Sequence[tuple[int, int]] | None,  # recorded (width, height) per image
-                 threads: int,  # decoding threads
-                 progress: bool,  # show a rich progress bar
+                 job: _CacheJob,  # what to decode, and how
                 ) -> bool:
     "Build the cache `final` in a hidden folder and rename it into place; False when another process finished it first."
-    folder, (H, W) = final.parent, size
+    folder, (H, W) = final.parent, job.size
     try: folder.mkdir(parents=True, exist_ok=True)
     except OSError as e: raise WorkspaceError(f"cache folder {folder} cannot be created: {e.strerror or e}") from None
     prefix = f'.build-{final.name}-{socket.gethostname()}-'  # only this host's builders: pids mean nothing elsewhere
     _remove_dead_builds(folder, prefix)
-    need = len(file_names) * H * W * 3
+    need = len(job.file_names) * H * W * 3
     if (free := shutil.disk_usage(folder).free) < need + (64 << 20):
         raise WorkspaceError(f"cache folder {folder} has {free / 2**30:.2f} GiB free; the image cache needs {need / 2**30:.2f} GiB")
     tmp = folder/f'{prefix}{os.getpid()}-{secrets.token_hex(4)}'
     tmp.mkdir()
     try:
-        meta = _write_cache(tmp, cache_key, file_names, read_bytes, size, mode, pad_value, expected_sizes, threads, progress)
+        meta = _write_cache(tmp, job)
         try: os.rename(tmp, final)
         except OSError:  # another process finished the same cache first
             if not (final/'meta.json').exists(): raise
@@ -175,7 +175,7 @@ def _build_cache(final: Path,  # the cache folder to create
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _log.info("built image cache %s: %d images in %.1f s", final, len(file_names), meta['build_seconds'])
+    _log.info("built image cache %s: %d images in %.1f s", final, len(job.file_names), meta['build_seconds'])
     return True
 
 # %% ../../../nbs/18a_loading_cache.ipynb #4a93eb5f
@@ -228,7 +228,7 @@ class DecodedImageCache:
                 _log.warning("rebuilding damaged image cache: %s", e)
                 trash = folder/f".trash-{final.name}-{secrets.token_hex(4)}"
                 with contextlib.suppress(OSError): os.rename(final, trash); shutil.rmtree(trash, ignore_errors=True)
-        built = _build_cache(final, cache_key, list(file_names), read_bytes, size, mode, pad_value, expected_sizes, threads, progress)
+        built = _build_cache(final, _CacheJob(cache_key, list(file_names), read_bytes, size, mode, pad_value, expected_sizes, threads, progress))
         cache = cls(final)
         cache.built_now = built  # False when another process finished the same cache first
         return cache
