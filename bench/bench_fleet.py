@@ -1,7 +1,7 @@
 """Fleet server benchmark: poll load of many simulated devices against a real `retail-cv fleet serve` process.
 
 Usage: python bench/bench_fleet.py [--devices 10000] [--interval 60] [--rate 170] [--seconds 300] [--saturate 30]
-                                   [--connections 64] [--profile] [--agents 200] [--only-rollout] [--out bench/results/fleet.json]
+                                   [--connections 64] [--profile] [--out bench/results/fleet.json]
 
 What runs:
 
@@ -23,13 +23,7 @@ What runs:
 4. **Saturation** (`--saturate` seconds): closed loop, `--connections` concurrent pollers as fast as the server
    answers: the server's capacity on one core, and the latency at that load.
 5. **Profile** (`--profile`): py-spy samples the server during the poll load; the hottest functions go in the JSON.
-6. **Rollout to real agents** (`--agents 200`, `--only-rollout` to skip the poll load): a second server (fresh
-   database, `--poll-interval 2`) and `--agents` instances of the real agent code (`retail_cv.agent`: its own device
-   folder, key, trust store and A/B slots each; enrolled with an enrolment token; `agent.run` in one thread per
-   device, in this process on core 1). Every device first installs the release (version 1, its profile's bundle);
-   then version 2 is promoted and rolled out with stages 5,25,100 (soak 0, min healthy 0.98). Reported: time to
-   the initial install and to the rollout's completion, per-device switch time (p50/p90/max from the rollout's
-   start), bundle bytes and all response bytes per device (counted on each agent's HTTP client), bundle sizes.
+The rollout to real agents (time and bytes per device) is `bench/bench_rollout.py`.
 
 Target (issue 14): >= 170 polls/s sustained with p99 <= 100 ms. JSON in bench/results/fleet.json.
 Run it on an otherwise idle machine with at least two cores: numbers from a shared machine are noise.
@@ -300,72 +294,6 @@ def admin_headers(world: dict) -> dict:
     return {'Authorization': 'Bearer ' + issue_token(world['issuer'], 'bench', ['fleet:admin'])}
 
 
-def rollout_to_agents(tmp: Path, world: dict, n: int) -> dict:
-    "`n` real agents (threads of this process) install the release, then follow a three-stage rollout of version 2."
-    import threading
-    import httpx
-    from retail_cv.agent import Agent, WatchdogPolicy, connect, init_device, read_state, run
-    port = free_port(); url = f'http://127.0.0.1:{port}'
-    proc = start_server(tmp, world, port, 'rollout.db', '--poll-interval', '2', '--tick', '1')
-    try:
-        admin = admin_headers(world)
-        tok = httpx.post(url + '/v1/admin/enrolment-tokens', json={'model': MODEL, 'uses': n}, headers=admin, timeout=60).json()['token']
-        agents, counts, stop = [], [], threading.Event()
-        for i in range(n):
-            root = tmp/'devices'/f'dev-{i:03d}'
-            init_device(root, PROFILES[i % 2], world['keys'].public_key, labels={'store': f'store-{i % 10}'})
-            agents.append(Agent.open(root, WatchdogPolicy(grace_s=0)))
-        t0 = time.perf_counter()
-        clients = [connect(a, url, tok) for a in agents]
-        enrolled_s = time.perf_counter() - t0
-        for c in clients:
-            got = {'bundle': 0, 'all': 0}; counts.append(got)
-            def count(r, got=got):
-                size = int(r.headers.get('content-length') or 0)
-                got['all'] += size
-                if r.request.url.path.startswith('/v1/bundles/') and r.request.method == 'GET': got['bundle'] += size
-            c.http.event_hooks['response'] = [count]
-        threads = [threading.Thread(target=run, args=(a,), kwargs=dict(client=c, interval_s=0.2, stop=stop), daemon=True)
-                   for a, c in zip(agents, clients)]
-        for th in threads: th.start()
-        version = lambda a: (read_state(a.dev.root).current or None) and read_state(a.dev.root).current.version
-        def wait_all(v: str, limit: float) -> dict[int, float]:
-            start, done = time.perf_counter(), {}
-            while len(done) < n and time.perf_counter() - start < limit:
-                for i, a in enumerate(agents):
-                    if i not in done and version(a) == v: done[i] = time.perf_counter() - start
-                time.sleep(0.2)
-            return done
-        first = wait_all('1', 600)
-        before = [dict(c) for c in counts]
-        world['reg'].promote(MODEL, 2, reason='bench: version 2')
-        r = httpx.post(url + '/v1/admin/rollouts', json={'ref': f'{MODEL}:2', 'stages': [5, 25, 100], 'soak_s': 0, 'min_healthy': 0.98},
-                       headers=admin, timeout=60)
-        r.raise_for_status(); rid = r.json()['id']
-        t1 = time.perf_counter()
-        switched = wait_all('2', 900)
-        ro = httpx.get(url + f'/v1/admin/rollouts/{rid}', headers=admin, timeout=60).json()
-        while ro['state'] == 'active' and time.perf_counter() - t1 < 120:
-            time.sleep(0.5); ro = httpx.get(url + f'/v1/admin/rollouts/{rid}', headers=admin, timeout=60).json()
-        completed_s = time.perf_counter() - t1
-        stop.set()
-        for th in threads: th.join(30)
-        sizes = {agents[i].config.profile: clients[i].poll()['bundle']['size'] for i in (0, 1)}  # what the server serves of version 2
-    finally:
-        proc.terminate(); proc.wait(20)
-    per = lambda xs: {'p50_s': round(statistics.median(xs), 2), 'p90_s': round(sorted(xs)[int(0.9 * len(xs))], 2), 'max_s': round(max(xs), 2)} if xs else {}
-    rollout_bytes = [c['bundle'] - b['bundle'] for c, b in zip(counts, before)]
-    return {'agents': n, 'agent': 'retail_cv.agent (agent.run, one thread per device, core 1)', 'poll_interval_s': 2,
-            'enrol_s': round(enrolled_s, 1), 'initial_install': {'devices': len(first), **per(list(first.values()))},
-            'rollout': {'id': rid, 'stages': [5, 25, 100], 'state': ro['state'], 'reason': ro.get('reason'), 'completed_s': round(completed_s, 1),
-                        'devices_switched': len(switched), 'switch_time_from_start': per(list(switched.values())),
-                        'stage_s': [{'percent': st['percent'], 'devices': st['devices'], 'state': st['state'],
-                                     's': st['finished_at'] - st['started_at'] if st['finished_at'] and st['started_at'] else None} for st in ro['stages']],
-                        'bundle_bytes_per_device': {'mean': round(statistics.fmean(rollout_bytes)), 'max': max(rollout_bytes), 'min': min(rollout_bytes)},
-                        'all_response_bytes_per_device': round(statistics.fmean(c['all'] - b['all'] for c, b in zip(counts, before)))},
-            'bundle_bytes_v2': sizes}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--devices', type=int, default=10_000)
@@ -377,22 +305,17 @@ def main() -> None:
     ap.add_argument('--connections', type=int, default=64)
     ap.add_argument('--http-enrol', type=int, default=20, help='devices enrolled through POST /v1/enrol')
     ap.add_argument('--profile', action='store_true', help='sample the server with py-spy during the poll load')
-    ap.add_argument('--agents', type=int, default=200, help='real agents in the rollout part (0: skip it)')
-    ap.add_argument('--only-rollout', action='store_true', help='skip the poll load')
     ap.add_argument('--out', type=Path, default=ROOT/'bench'/'results'/'fleet.json')
     a = ap.parse_args()
     if len(os.sched_getaffinity(0)) < 2: sys.exit("needs two cores: the server on core 0, the load generator on core 1")
     tmp = Path(tempfile.mkdtemp(prefix='bench-fleet-'))
     try:
         world = make_world(tmp)
-        os.sched_setaffinity(0, {1})  # this process is the load generator (and the agents): core 1; servers are on core 0
-        result = {'benchmark': 'fleet delivery: poll load and a rollout to real agents',
+        os.sched_setaffinity(0, {1})  # this process is the load generator: core 1; the server is on core 0
+        result = {'benchmark': 'fleet server poll load',
                   'date': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
                   'machine': {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(), 'python': platform.python_version()}}
-        if not a.only_rollout: result.update(poll_part(tmp, world, a))
-        if a.agents > 0:
-            result['rollout_to_agents'] = rollout_to_agents(tmp, world, a.agents)
-            print(json.dumps(result['rollout_to_agents'], indent=1), flush=True)
+        result.update(poll_part(tmp, world, a))
         result['machine']['load_average_at_end'] = os.getloadavg()
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=2) + '\n')
