@@ -19,7 +19,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .bundle import load_public_keys, public_key_id
 from .core import RetailCVError, b64url, canonical_json, from_b64url
 
 # %% auto #0
@@ -57,6 +56,7 @@ class TokenClaims(BaseModel):
 # %% ../nbs/51_credentials.ipynb #a74fd710
 def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     "The id of a key's public half, as bundles name their signers."
+    from retail_cv.bundle import public_key_id  # the bundle keys' id scheme; imported here so the CLI starts light
     return public_key_id(key)
 
 # %% ../nbs/51_credentials.ipynb #afec4d22
@@ -111,6 +111,7 @@ class TokenVerifier:
                  revocations: str | os.PathLike | None = None,  # revocation list file, re-read when it changes
                  leeway_s: int = 30,  # clock skew tolerated on expiry
                 ):
+        from retail_cv.bundle import load_public_keys  # imported here so the CLI starts without ONNX Runtime
         self.keys, self.revoked, self.leeway_s = load_public_keys(public_keys), _Revocations(revocations), leeway_s
 
     def signed_claims(self, token: str | None) -> TokenClaims:

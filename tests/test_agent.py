@@ -296,19 +296,30 @@ def fleet(tmp_path_factory, kit):
         yield dict(url=srv.url, token=r.json()['token'], admin=admin, big=big)
 
 
-def test_sigkill_in_every_phase_leaves_a_verified_bundle_running(tmp_path, kit, fleet):
-    "≥ 20 kills per phase (download, verify, stage, switch), each confirmed by the agent's own log; after each, `current` verifies."
-    kills, errors = _Kills(want=20), []
+def _sigkill_in_every_phase(tmp_path: Path, kit, fleet, want: int) -> None:
+    "`want` kills per phase (download, verify, stage, switch), each confirmed by the agent's own log; after each, `current` verifies."
+    kills, errors = _Kills(want=want), []
     lanes = [threading.Thread(target=_watch_lane, args=(tmp_path/f'w{i}', kit, kills, errors)) for i in range(2)]
     lanes.append(threading.Thread(target=_server_lane, args=(tmp_path/'s', kit, fleet['url'], fleet['token'], kills, errors)))
     for t in lanes: t.start()
     for t in lanes: t.join()
     if errors: raise errors[0]
-    assert all(n >= 20 for n in kills.count.values()), (kills.count, kills.attempts)
+    assert all(n >= want for n in kills.count.values()), (kills.count, kills.attempts)
     logs = ''.join(p.read_text() for p in tmp_path.rglob('agent.log'))
     assert 'discarded half-staged' in logs  # a kill during staging left a staging folder; recovery removed it
     assert re.search(r'download of [0-9a-f]{12} resumes at byte [1-9]', logs)  # a download cut by a kill resumed
     print(kills.count, kills.attempts)
+
+
+def test_sigkill_in_every_phase_leaves_a_verified_bundle_running(tmp_path, kit, fleet):
+    "5 confirmed kills per phase on every push (each agent start costs a second of CPU); 20 per phase nightly, below."
+    _sigkill_in_every_phase(tmp_path, kit, fleet, want=5)
+
+
+@pytest.mark.slow
+def test_sigkill_20_times_in_every_phase(tmp_path, kit, fleet):
+    "The issue's bar: >= 20 confirmed kills in each of download, verify, stage and switch."
+    _sigkill_in_every_phase(tmp_path, kit, fleet, want=20)
 
 
 # ---- fsync around each rename -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from ._schema import Contract
 from ._verify import BundleInfo
-from ..core import DataError, IntegrityError, StrictModel, parse_model
+from ..core import ConfigError, DataError, IntegrityError, StrictModel, parse_model
 from ..preprocess import (ImageSource, image_stats, load_image, normalize, postprocess_classification,
                                   postprocess_detection, resize_image)
 
@@ -162,7 +162,7 @@ def parse_reference(text: str | bytes,  # the content of a reference.json
     if isinstance(data, dict) and isinstance(v := data.get('schema_version'), int) and v > REFERENCE_SCHEMA:
         raise IntegrityError(f"{where} has schema {v}, newer than this code reads ({REFERENCE_SCHEMA}); upgrade retail_cv")
     try: return parse_model(Summary, data)
-    except Exception as e: raise IntegrityError(f"{where} is invalid: {e}") from None
+    except ConfigError as e: raise IntegrityError(f"{where} is invalid: {e}") from None
 
 # %% ../../nbs/09a_bundle_reference.ipynb #cfd7b4f4
 def load_reference(info: BundleInfo,  # a verified bundle

@@ -21,6 +21,7 @@ from ..core import atomic_write
 from ._report import DriftReport
 
 if TYPE_CHECKING: from matplotlib.figure import Figure
+else: Figure = 'matplotlib.figure.Figure'  # the docs evaluate annotations; matplotlib is imported only when a page is drawn
 
 # %% auto #0
 __all__ = ['pvalue_plot', 'histogram_plot', 'report_html']
