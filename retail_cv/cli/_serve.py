@@ -91,7 +91,7 @@ def serve_command(ctx: typer.Context,
     slot = api.state.service.slot
     if not slot.refresh(): raise ConfigError(f"cannot serve {target}: {(slot.last_error or {}).get('error')}")
     err_console.print(f"serving {slot.describe_current()} on http://{host}:{port} (docs at /docs)", highlight=False)
-    uvicorn.run(api, host=host, port=port, log_level='info')
+    uvicorn.run(api, host=host, port=port, log_level='info', access_log=False)  # requests are counted in /metrics
 
 # %% ../../nbs/98b_cli_serve.ipynb #b57f3653
 log_app = typer.Typer(no_args_is_help=True, help="The service's prediction log: retention and deletion by store.")
