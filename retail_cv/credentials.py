@@ -113,16 +113,20 @@ class TokenVerifier:
                 ):
         from retail_cv.bundle import load_public_keys  # imported here so the CLI starts without ONNX Runtime
         self.keys, self.revoked, self.leeway_s = load_public_keys(public_keys), _Revocations(revocations), leeway_s
+        self._verified: dict[str, TokenClaims] = {}  # token -> claims whose signature verified: one Ed25519 check per token, not per request
 
     def signed_claims(self, token: str | None) -> TokenClaims:
         "The claims of a token signed by a pinned key (expiry and revocation not checked), or `TokenError`."
         if not token: raise TokenError("no bearer token: send 'Authorization: Bearer <token>'")
+        if (known := self._verified.get(token)) is not None: return known
         payload, sig = _decode(token)
         try: claims = TokenClaims.model_validate(json.loads(payload))
         except (ValueError, ValidationError): raise TokenError("malformed token: bad claims") from None
         if (pub := self.keys.get(claims.kid)) is None: raise TokenError(f"token signed by unknown key {claims.kid!r}")
         try: pub.verify(sig, payload)
         except InvalidSignature: raise TokenError("token signature does not verify") from None
+        if len(self._verified) >= 4096: self._verified.clear()  # bounded: a flood of distinct good tokens costs re-checks, not memory
+        self._verified[token] = claims
         return claims
 
     def check_live(self, claims: TokenClaims) -> TokenClaims:

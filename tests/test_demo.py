@@ -9,8 +9,10 @@ import pytest
 from conftest import run_cli
 from test_docs import CHROMIUM, CHROME_FLAGS
 
-# short budgets: every step runs for real (jobs, training, export, registry, runtime); the models are just weaker
-QUICK = ('--shelf-images', 12, '--heldout-images', 4, '--detector-minutes', 0.3, '--classifier-minutes', 0.2)
+# short budgets: every step runs for real (jobs, training, export, registry, runtime, audit, monitor); the models are just
+# weaker. 20 held-out shelves are the fewest the monitor gives a verdict on; 40 training shelves leave 8 for the bundle's
+# reference (with 2, no test could reach Holm's threshold)
+QUICK = ('--shelf-images', 40, '--heldout-images', 20, '--detector-minutes', 0.3, '--classifier-minutes', 0.2)
 JOB_STEPS = ('shelves', 'heldout', 'photos', 'train_detector', 'train_classifier', 'evaluate_detector', 'evaluate_classifier',
              'export_detector_shelf_cam_x86', 'export_detector_handheld_arm', 'export_classifier_shelf_cam_x86',
              'export_classifier_handheld_arm')
@@ -31,7 +33,7 @@ def _pipelines(ws: Path) -> list[dict]:
 def test_demo_runs_every_step(demo_runs):
     ws, [first, _] = demo_runs
     assert first.returncode == 0, first.stdout + first.stderr
-    for step in (*JOB_STEPS, 'register and promote', 'predict on the edge runtime', 'report'):
+    for step in (*JOB_STEPS, 'register and promote', 'predict on the edge runtime', 'shelf audit', 'drift monitoring', 'report'):
         assert f'✓ {step} ' in first.stdout, step
     assert 'shelf-detector:1 champion' in first.stdout and 'product-classifier:1 champion' in first.stdout
     pipe = _pipelines(ws)[0]
@@ -67,12 +69,44 @@ def test_registry_lineage_and_audit(demo_runs):
     assert all(Path(b['path']).exists() for b in d['bundles'])
 
 
+def test_shelf_audit_writes_its_findings_and_scores_them_against_the_truth(demo_runs):
+    ws, [first, _] = demo_runs
+    audit = json.loads((ws/'demo'/'audit'/'audit.json').read_text())
+    # every held-out shelf audited; an 18-second detector finds little, so its findings are mostly planned products not
+    # seen: the test checks that findings are written and scored, not how good they are (bench/bench_demo.py measures that)
+    assert len(audit['images']) == 20 and all({'rows', 'out_of_stock', 'planogram', 'prices'} <= set(im) for im in audit['images'])
+    assert sum(im['counts']['issues'] for im in audit['images']) > 0
+    assert len(list((ws/'demo'/'audit').glob('*.png'))) == 20 and (ws/'demo'/'audit'/'index.html').is_file()
+    score = json.loads((ws/'demo'/'audit'/'score.json').read_text())
+    oos, wrong = score['out_of_stock_facings'], score['wrong_price_tags']
+    assert oos['true'] > 0 and 0 <= oos['matched'] <= min(oos['found'], oos['true']), oos   # the held-out shelves have sold-out runs
+    assert score['shelves'] == 20 and sum(score['other_findings'].values()) >= 0
+    assert len(wrong['repriced']) == 3 and wrong['true'] >= 0 and wrong['matched'] <= wrong['found'], wrong
+    # the planogram and price table it ran with are the generator's, readable by `retail-cv shelf audit`
+    from retail_cv.apps import read_planogram, read_prices
+    prices = read_prices(ws/'demo'/'audit'/'prices.csv')
+    assert read_planogram(ws/'demo'/'audit'/'planogram.json', prices).for_image('000000.jpg')
+    assert re.search(r'✓ shelf audit .*20 shelves: out of stock \d+/\d+ missing facings found', first.stdout), first.stdout
+
+
+def test_monitor_flags_the_dimmed_shelves_and_not_the_unchanged_ones(demo_runs):
+    ws, [first, _] = demo_runs
+    dimmed, held = (json.loads((ws/'demo'/'monitor'/f'{s}.json').read_text()) for s in ('dimmed', 'held-out'))
+    assert dimmed['n_current'] == held['n_current'] == 20 and dimmed['n_reference'] >= 5, (dimmed['n_reference'], dimmed['note'])
+    assert dimmed['drift'] and 'ks.brightness' in dimmed['drifted'], dimmed['drifted']
+    assert not held['drift'], [(t['name'], t['p_value'], t['p_adjusted']) for t in held['tests'] if t['verdict'] == 'drift']
+    assert (ws/'demo'/'monitor'/'dimmed.html').is_file()
+    assert re.search(r'✓ drift monitoring .*held-out 20 images: no drift; dimmed 20 images: DRIFT', first.stdout), first.stdout
+
+
 def test_report_renders_in_browser(demo_runs, tmp_path, artifacts):
     assert CHROMIUM, "Debian package 'chromium' is not installed"
     ws, _ = demo_runs
     report = ws/'demo'/'report.html'
     html = report.read_text()
     assert html.count('<img') >= 5 and 'demo-shelves@' in html and 'shelf-detector:1' in html and 'Audit chain: <b>intact' in html
+    assert 'Shelf audit on held-out shelves</h2>' in html and '<h2>Monitoring: held-out and dimmed shelves' in html
+    assert html.count("src='data:image/jpeg") == 20 and 'wrong-price tags' in html and 'Adjusted p-values, dimmed set' in html
     shot = artifacts/'demo-report.png'
     shot.unlink(missing_ok=True)
     args = [CHROMIUM, *CHROME_FLAGS, f'--user-data-dir={tmp_path}/chrome']

@@ -1,4 +1,4 @@
-"""`retail-cv monitor check BUNDLE --log DIR | --images DIR`: the drift check of a bundle against the service's prediction log or a folder of new images, with alert rules, a signed webhook, Prometheus gauges and an HTML page.
+"""`retail-cv monitor check BUNDLE --log DIR | --images DIR`: the drift check of a bundle against the service's prediction log or a folder of new images, with alert rules, a signed webhook, Prometheus gauges and an HTML page; `retail-cv monitor accuracy LOG_DIR LABELS`: accuracy from delayed labels per model version, store and class.
 
 Docs: https://retail-cv.github.io/retail_cv/cli_monitor.html.md"""
 
@@ -15,10 +15,10 @@ import typer
 from ._app import app, console, err_console, print_json, workspace
 
 # %% auto #0
-__all__ = ['monitor_app', 'ALERT_EXIT_CODE', 'monitor_check']
+__all__ = ['monitor_app', 'ALERT_EXIT_CODE', 'monitor_check', 'monitor_accuracy']
 
 # %% ../../nbs/98g_cli_monitor.ipynb #ceddc148
-monitor_app = typer.Typer(no_args_is_help=True, help="Drift monitoring: a bundle's reference against the prediction log or new images.")
+monitor_app = typer.Typer(no_args_is_help=True, help="Monitoring: drift of a bundle's reference against the prediction log or new images; accuracy from delayed labels.")
 app.add_typer(monitor_app, name='monitor')
 ALERT_EXIT_CODE = 3  # exit code of `monitor check` when an alert fires
 
@@ -58,4 +58,42 @@ def monitor_check(ctx: typer.Context,
         console.print(report.summary(), highlight=False, markup=False)
         for a in alerts: console.print(f"rule {a.rule.name}: {a.rule.metric} = {a.value} {'FIRED' if a.fired else 'ok'}", highlight=False, markup=False)
         if html: err_console.print(f"report page: {html}")
+    if fired: raise typer.Exit(ALERT_EXIT_CODE)
+
+# %% ../../nbs/98g_cli_monitor.ipynb #f1189aca
+@monitor_app.command('accuracy')
+def monitor_accuracy(log_dir: Path = typer.Argument(..., help="The service's prediction log folder (--log-dir of retail-cv serve)"),
+                     labels: list[Path] = typer.Argument(..., help="Labels file(s), CSV or JSON lines: prediction_id or image_sha256, and label or boxes"),
+                     by: str = typer.Option('version', '--by', help="Break down by any of version, store, class (comma-separated; '' for overall only)"),
+                     window: str = typer.Option('7d', help="Window ending now: a duration (7d, 24h), an ISO start time, or 'all'"),
+                     bucket: str = typer.Option('1d', help="Width of a time bucket of the rolling series (1d, 6h)"),
+                     min_labelled: int = typer.Option(30, help="Fewer labelled predictions in a group: listed, but no alert metric"),
+                     rules: Optional[Path] = typer.Option(None, help="Alert rules (YAML); its rules on accuracy metrics are checked"),
+                     strict: bool = typer.Option(False, '--strict', help="Fail when a label matches no logged prediction (default: count them)"),
+                     save_counts: Optional[Path] = typer.Option(None, '--save-counts', help="Also write the per-bucket counts (JSON, mergeable)"),
+                     html: Optional[Path] = typer.Option(None, '--html', help="Write the accuracy page here"),
+                     as_json: bool = typer.Option(False, '--json', help="Print the report and alerts as JSON")):
+    "Accuracy from delayed labels per model version, store and class, with Wilson intervals; exit 3 when an alert fires."
+    from datetime import datetime, timezone
+    from retail_cv.core import ConfigError
+    from retail_cv.monitor import (ACCURACY_METRICS, AlertConfig, LabelCounts, Labels, accuracy_html, accuracy_report, evaluate_rules,
+                                   join_labels, load_rules, post_webhook)
+    keys, win, now = tuple(b.strip() for b in by.split(',') if b.strip()), None if window.strip().lower() == 'all' else window, datetime.now(timezone.utc)
+    def report(w): return accuracy_report(counts, keys, w, now, min_labelled)
+    config = load_rules(rules) if rules else None
+    if config and not (mine := [r for r in config.rules if r.metric in ACCURACY_METRICS]):
+        raise ConfigError(f"alert rules file {rules} has no rule on an accuracy metric ({', '.join(ACCURACY_METRICS)})")
+    counts = LabelCounts(); report(win)  # a bad --by or --window stops before anything is read
+    counts = join_labels(log_dir, Labels.read(*labels), bucket, strict)
+    rep = report(win)
+    alerts = evaluate_rules(AlertConfig(rules=mine), lambda w: report(w or win)) if config else []
+    fired = [a for a in alerts if a.fired]
+    if html: accuracy_html(rep, html)
+    if save_counts: counts.save(save_counts)
+    sent = post_webhook(config.webhook, fired) if fired and config.webhook else None
+    if as_json: print_json({'report': rep.to_dict(), 'alerts': [a.to_dict() for a in alerts], 'webhook_status': sent, 'html': str(html) if html else None})
+    else:
+        console.print(rep.summary(), highlight=False, markup=False)
+        for a in alerts: console.print(f"rule {a.rule.name}: {a.rule.metric} = {a.value} {'FIRED' if a.fired else 'ok'}", highlight=False, markup=False)
+        if html: err_console.print(f"accuracy page: {html}")
     if fired: raise typer.Exit(ALERT_EXIT_CODE)

@@ -19,6 +19,11 @@ from ._alerts import (DEFAULT_RULES, METRICS, SIGNATURE_HEADER, TIMESTAMP_HEADER
                                        sign_webhook, verify_webhook, write_prometheus)
 from ._html import histogram_plot, pvalue_plot, report_html
 from ._inputs import bundle_reference, images_summary, log_summary, read_log, window_start
+from ._labels import (ACCURACY_METRICS, GROUP_KEYS, AccuracyReport, Label, LabelCounts, Labels,
+                                       accuracy_html, accuracy_plot, accuracy_report, accuracy_section, join_labels,
+                                       score_prediction, wilson)
+from ._retrain import (RETRAIN_STEPS, RetrainError, RetrainGate, RetrainResult, alert_causes,
+                                        compare_models, new_data_version, report_bytes, retrain, retrain_pipeline, score_on)
 from ._report import TEST_NAMES, DriftReport, check_drift, holm
 from ._tests import (DriftTest, class_mix_test, image_histogram_test, ks_test, mmd_test, psi, psi_test,
                                       softmax_test)
@@ -29,14 +34,21 @@ __all__ = ['Monitor', 'DriftTest', 'ks_test', 'psi', 'psi_test', 'softmax_test',
            'log_summary', 'images_summary', 'read_log', 'window_start', 'METRICS', 'AlertRule', 'Webhook',
            'AlertConfig', 'DEFAULT_RULES', 'load_rules', 'Alert', 'evaluate_rules', 'SIGNATURE_HEADER',
            'TIMESTAMP_HEADER', 'sign_webhook', 'verify_webhook', 'WebhookError', 'post_webhook', 'prometheus_text',
-           'write_prometheus', 'report_html', 'pvalue_plot', 'histogram_plot']
+           'write_prometheus', 'report_html', 'pvalue_plot', 'histogram_plot', 'ACCURACY_METRICS', 'GROUP_KEYS',
+           'Label', 'Labels', 'LabelCounts', 'join_labels', 'score_prediction', 'wilson', 'AccuracyReport',
+           'accuracy_report', 'accuracy_plot', 'accuracy_section', 'accuracy_html', 'RetrainError', 'report_bytes',
+           'alert_causes', 'RetrainGate', 'score_on', 'compare_models', 'RETRAIN_STEPS', 'retrain_pipeline',
+           'new_data_version', 'RetrainResult', 'retrain']
 
 # %% ../../nbs/75_monitor.ipynb #6099e487
 _all_ = ['DriftTest', 'ks_test', 'psi', 'psi_test', 'softmax_test', 'class_mix_test', 'mmd_test', 'image_histogram_test',
          'TEST_NAMES', 'DriftReport', 'check_drift', 'holm', 'bundle_reference', 'log_summary', 'images_summary', 'read_log',
          'window_start', 'METRICS', 'AlertRule', 'Webhook', 'AlertConfig', 'DEFAULT_RULES', 'load_rules', 'Alert',
          'evaluate_rules', 'SIGNATURE_HEADER', 'TIMESTAMP_HEADER', 'sign_webhook', 'verify_webhook', 'WebhookError',
-         'post_webhook', 'prometheus_text', 'write_prometheus', 'report_html', 'pvalue_plot', 'histogram_plot']
+         'post_webhook', 'prometheus_text', 'write_prometheus', 'report_html', 'pvalue_plot', 'histogram_plot',
+         'ACCURACY_METRICS', 'GROUP_KEYS', 'Label', 'Labels', 'LabelCounts', 'join_labels', 'score_prediction', 'wilson',
+         'AccuracyReport', 'accuracy_report', 'accuracy_plot', 'accuracy_section', 'accuracy_html',
+         'RetrainError', 'report_bytes', 'alert_causes', 'RetrainGate', 'score_on', 'compare_models', 'RETRAIN_STEPS', 'retrain_pipeline', 'new_data_version', 'RetrainResult', 'retrain']
 
 # %% ../../nbs/75_monitor.ipynb #c52795d2
 _CHECK_OPTIONS = ('alpha', 'permutations', 'seed', 'min_images', 'max_images')

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 
 from ..core import ConfigError, RetailCVError, StrictModel, atomic_write, parse_model, read_yaml
 from ._inputs import window_start
+from ._labels import ACCURACY_METRICS
 from ._report import TEST_NAMES, DriftReport
 
 # %% auto #0
@@ -29,7 +30,7 @@ __all__ = ['METRICS', 'DEFAULT_RULES', 'SIGNATURE_HEADER', 'TIMESTAMP_HEADER', '
 
 # %% ../../nbs/75d_monitor_alerts.ipynb #b977e3b0
 _FIELDS = ('statistic', 'p_value', 'p_adjusted')
-METRICS = ('drift', 'tests_drifted', 'images') + tuple(f"{t}.{f}" for t in TEST_NAMES for f in _FIELDS)  # what rules may name
+METRICS = ('drift', 'tests_drifted', 'images') + tuple(f"{t}.{f}" for t in TEST_NAMES for f in _FIELDS) + ACCURACY_METRICS  # what rules may name
 
 class AlertRule(StrictModel):
     "Fire when `metric` of the drift report over `window` compares with `threshold` as `op` says."
@@ -44,7 +45,8 @@ class AlertRule(StrictModel):
     def _known(cls, v: str) -> str:
         if v not in METRICS:
             raise ValueError(f"unknown metric {v!r}: use drift, tests_drifted, images or <test>.statistic|p_value|p_adjusted "
-                             f"with a test among {', '.join(TEST_NAMES)}")
+                             f"with a test among {', '.join(TEST_NAMES)}, "
+                             f"or from delayed labels {', '.join(ACCURACY_METRICS)}")
         return v
 
     @field_validator('window')
