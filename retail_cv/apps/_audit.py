@@ -21,7 +21,7 @@ from ._shelf_rows import Box, Run, ShelfRow, boxes_from_detections, out_of_stock
 from ..preprocess import ImageSource, load_image
 
 # %% auto #0
-__all__ = ['verify_prices', 'ShelfAudit', 'audit_image', 'audit_files']
+__all__ = ['verify_prices', 'ShelfAudit', 'name_products', 'audit_image', 'audit_files']
 
 # %% ../../nbs/70f_apps_audit.ipynb #ba1868cb
 def _above(tag: Box, runs: Sequence[Run]) -> Run | None:
@@ -90,6 +90,20 @@ class ShelfAudit:
                 'planogram': self.planogram, 'prices': self.prices, 'tags': self.tags,
                 'counts': {'boxes': len(self.boxes), 'issues': len(self.issues)}}
 
+# %% ../../nbs/70f_apps_audit.ipynb #cfc54906
+def name_products(boxes: Sequence[Box],  # one image's boxes, tags named by their codes
+                 ) -> list[Box]:
+    "Products without a SKU named by the tag under them, else by the nearest tag to their left on their shelf."
+    named: dict[Box, Box] = {}
+    for row in shelf_rows(boxes):
+        tags = sorted((t for t in row.tags if t.sku), key=lambda t: t.x0)
+        for b in (b for b in row.items if b.kind == 'product' and not b.sku and tags):
+            over = max(tags, key=lambda t: min(t.x1, b.x1) - max(t.x0, b.x0))
+            left = [t for t in tags if t.x0 <= b.cx]
+            tag = over if min(over.x1, b.x1) > max(over.x0, b.x0) else (left[-1] if left else tags[0])
+            named[b] = dataclasses.replace(b, sku=tag.sku)
+    return [named.get(b, b) for b in boxes]
+
 # %% ../../nbs/70f_apps_audit.ipynb #3ed49a7e
 def audit_image(image: ImageSource,  # the photo
                 boxes: Sequence[Box],  # detections (or ground truth) on it
@@ -100,7 +114,7 @@ def audit_image(image: ImageSource,  # the photo
                 empty_spans: bool = False,  # count wide empty stretches between products as gaps
                 name: str | None = None,  # what the audit calls the image
                ) -> ShelfAudit:
-    "Audit one shelf photo: rows, facings, out of stock, planogram and prices."
+    "Audit one shelf photo: rows, facings, out of stock, planogram and prices (unnamed products named by their tags)."
     photo = load_image(image, name)
     name = name or (str(image) if isinstance(image, (str, os.PathLike)) else 'image')
     readings: dict[Box, TagReading] = {}
@@ -108,6 +122,7 @@ def audit_image(image: ImageSource,  # the photo
         readings = {b: read_tag(photo, b, prices, ocr) for b in boxes if b.kind == 'price_tag'}
         boxes = [dataclasses.replace(b, sku=readings[b].sku or b.sku) if b in readings else b for b in boxes]
         readings = {dataclasses.replace(b, sku=t.sku or b.sku): t for b, t in readings.items()}
+        boxes = name_products(boxes)  # a detector of kinds leaves products unnamed: their tags name them
     rows = shelf_rows(boxes)
     widths = sku_widths(boxes)
     runs = [runs_of_row(r, widths, empty_spans) for r in rows]

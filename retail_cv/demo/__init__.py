@@ -11,10 +11,10 @@ __all__ = []
 from ._pipeline import MODELS, DemoConfig, DemoResult, StepResult, demo_pipeline
 from ._page import write_report
 from ._predict import champion_bundle, classify_photos, detect_shelves
-from ._audit import audit_shelf, changed_prices, name_products, run_audit, score_audits, shelf_truth, truth_prices
+from ._audit import changed_prices, run_audit, score_audits, shelf_truth, truth_prices
 from ._monitoring import check_folders, dimmed_folder, heldout_folder, run_monitoring
 from ._walk import run_demo
 
 __all__ = ['MODELS', 'DemoConfig', 'DemoResult', 'StepResult', 'demo_pipeline', 'write_report', 'champion_bundle', 'classify_photos',
-           'detect_shelves', 'audit_shelf', 'changed_prices', 'name_products', 'run_audit', 'score_audits', 'shelf_truth', 'truth_prices',
+           'detect_shelves', 'changed_prices', 'run_audit', 'score_audits', 'shelf_truth', 'truth_prices',
            'check_folders', 'dimmed_folder', 'heldout_folder', 'run_monitoring', 'run_demo']

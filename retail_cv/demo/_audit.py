@@ -18,14 +18,14 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from ..apps import Box, PriceEntry, ShelfAudit, Slot, annotate, audit_image, boxes_from_detections, read_tag, shelf_rows, write_report
+from ..apps import Box, PriceEntry, ShelfAudit, Slot, annotate, audit_image, boxes_from_detections, write_report
 from ..core import DataError, atomic_write
 from ..data.store import DatasetVersion
 from ._page import _e, _jpeg, _table
 
 # %% auto #0
-__all__ = ['truth_prices', 'shelf_truth', 'changed_prices', 'write_inputs', 'name_products', 'audit_shelf', 'audit_shelves',
-           'match_boxes', 'score_audits', 'run_audit', 'audit_line', 'audit_section']
+__all__ = ['truth_prices', 'shelf_truth', 'changed_prices', 'write_inputs', 'audit_shelves', 'match_boxes', 'score_audits',
+           'run_audit', 'audit_line', 'audit_section']
 
 # %% ../../nbs/80d_demo_audit.ipynb #2b26cb89
 def _xyxy(bbox: Sequence[float]) -> tuple[float, float, float, float]:
@@ -91,32 +91,6 @@ def write_inputs(out: Path,  # folder
     for e in prices.values(): w.writerow([e.sku, f"{e.cents // 100}.{e.cents % 100:02d}", e.tag_ean13, e.qr_payload])
     return {'planogram': atomic_write(out/'planogram.json', json.dumps(plan, indent=1) + '\n'), 'prices': atomic_write(out/'prices.csv', buf.getvalue())}
 
-# %% ../../nbs/80d_demo_audit.ipynb #d51822cf
-def name_products(boxes: Sequence[Box],  # one image's boxes, tags named by their codes
-                 ) -> list[Box]:
-    "Products without a SKU named by the tag under them, else by the nearest tag to their left on their shelf."
-    named: dict[Box, Box] = {}
-    for row in shelf_rows(boxes):
-        tags = sorted((t for t in row.tags if t.sku), key=lambda t: t.x0)
-        for b in (b for b in row.items if b.kind == 'product' and not b.sku and tags):
-            over = max(tags, key=lambda t: min(t.x1, b.x1) - max(t.x0, b.x0))
-            left = [t for t in tags if t.x0 <= b.cx]
-            tag = over if min(over.x1, b.x1) > max(over.x0, b.x0) else (left[-1] if left else tags[0])
-            named[b] = dataclasses.replace(b, sku=tag.sku)
-    return [named.get(b, b) for b in boxes]
-
-# %% ../../nbs/80d_demo_audit.ipynb #b12b2363
-def audit_shelf(photo: Image.Image,  # the shelf
-                boxes: Sequence[Box],  # a kinds detector's boxes
-                plan: list[list[Slot]] | None,  # its planned shelves
-                prices: dict[str, PriceEntry] | None,  # the store's price table
-                ocr: bool = True,  # read printed prices with Tesseract, where installed
-                name: str | None = None,  # what the audit calls the image
-               ) -> ShelfAudit:
-    "Audit one shelf seen by a kinds detector: read the tags, name the products by them, audit."
-    tagged = [dataclasses.replace(b, sku=read_tag(photo, b, prices, ocr=False).sku) if b.kind == 'price_tag' else b for b in boxes]
-    return audit_image(photo, name_products(tagged), plan, prices, ocr=ocr, name=name)
-
 # %% ../../nbs/80d_demo_audit.ipynb #1694750d
 def audit_shelves(predictor: Any,  # a `runtime.Predictor` on a detector bundle (kinds: product, gap, price_tag)
                   version: DatasetVersion,  # synthetic shelves with ground truth
@@ -131,7 +105,7 @@ def audit_shelves(predictor: Any,  # a `runtime.Predictor` on a detector bundle 
         data = version.read_bytes(im.file_name)
         photo = Image.open(io.BytesIO(data)).convert('RGB')
         boxes = boxes_from_detections(predictor.predict(data), min_score)
-        audits.append(audit_shelf(photo, boxes, truth[im.file_name]['plan'], prices, ocr, im.file_name)); photos.append(photo)
+        audits.append(audit_image(photo, boxes, truth[im.file_name]['plan'], prices, ocr=ocr, name=im.file_name)); photos.append(photo)
     return audits, photos
 
 # %% ../../nbs/80d_demo_audit.ipynb #d586e012
