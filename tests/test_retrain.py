@@ -31,33 +31,39 @@ PER_SHELF = 2  # crops taken from one shelf photo: crops of one photo share its 
 TRAIN = {'epochs': 25, 'batch_size': 32, 'lr': 0.003}
 
 
-def render(out: Path, seed: int, shelves: int, brightness=LIGHT, catalogue_seed: int = 0, val_fraction: float = 0.5) -> Dataset:
+def render(out: Path, seed: int, shelves: int, brightness=LIGHT, catalogue_seed: int = 0) -> Dataset:
     "Synthetic shelves, read back."
-    s = generate_shelves(out, {**SYNTH, 'brightness': brightness, 'catalogue_seed': catalogue_seed, 'val_fraction': val_fraction},
-                         images=shelves, seed=seed)
+    s = generate_shelves(out, {**SYNTH, 'brightness': brightness, 'catalogue_seed': catalogue_seed}, images=shelves, seed=seed)
     return read_coco(s.files['annotations'])
 
 
-def shelf_crops(out: Path, seed: int, shelves: int, brightness=LIGHT, new_products: float = 0.0, size: int = 32, skip: int = 0) -> Path:
-    """Product crops of rendered shelves as a classification set in COCO (each crop keeps its shelf's split);
-    a share `new_products` of the shelves come from another catalogue; `skip` leaves out the first shelves of the seed."""
+def shelf_crops(out: Path, seed: int, shelves: int, brightness=LIGHT, new_products: float = 0.0, size: int = 32,
+                held_out: int = 0) -> tuple[Path, Path | None]:
+    """Product crops of rendered shelves as a classification set in COCO, and the crops of every `held_out`-th shelf
+    as a set of their own (same renders, so the same distribution). Shelves alternate between 'train' and 'val';
+    a share `new_products` of them come from another catalogue."""
     n_new = int(round(shelves * new_products))
-    parts = [render(out/'shelves', seed, skip + shelves - n_new, brightness)]
+    parts = [render(out/'shelves', seed, shelves - n_new, brightness)]
     if n_new: parts.append(render(out/'shelves-new', seed + 1000, n_new, brightness, catalogue_seed=1))
-    (out/'crops').mkdir(parents=True)
-    cats, ims, anns = {}, [], []
+    sets = {'main': ({}, [], []), 'held': ({}, [], [])}
+    (out/'crops').mkdir(parents=True); (out/'held-out').mkdir()
     for p, ds in enumerate(parts):
         names, by_image = ds.category_names, ds.annotations_by_image()
-        for im in ds.images[skip if p == 0 else 0:]:
+        for i, im in enumerate(ds.images):
+            which = 'held' if held_out and i % held_out == held_out - 1 else 'main'
+            cats, ims, anns = sets[which]
             pic = Image.open(ds.root/im.file_name).convert('RGB')
             products = [a for a in by_image.get(im.id, []) if names[a.category_id] not in ('gap', 'price_tag') and min(a.bbox[2:]) >= 8]
-            for a in [products[i] for i in sorted(np.random.default_rng(seed + im.id).permutation(len(products))[:PER_SHELF])]:
+            for a in [products[k] for k in sorted(np.random.default_rng(seed + im.id).permutation(len(products))[:PER_SHELF])]:
                 x, y, w, h = a.bbox
                 f = f"{p}-{im.id}-{a.id}.png"
-                pic.crop((int(x), int(y), int(x + w), int(y + h))).resize((size, size), Image.BILINEAR).save(out/'crops'/f)
-                ims.append(ImageRecord(len(ims) + 1, f, size, size, im.split))
+                pic.crop((int(x), int(y), int(x + w), int(y + h))).resize((size, size), Image.BILINEAR).save(out/('crops' if which == 'main' else 'held-out')/f)
+                ims.append(ImageRecord(len(ims) + 1, f, size, size, 'val' if i % 2 else 'train'))
                 anns.append(Annotation(len(anns) + 1, len(ims), cats.setdefault(names[a.category_id], len(cats) + 1)))
-    return write_coco(Dataset(out/'crops', 'classification', [Category(i, n) for n, i in cats.items()], ims, anns), out/'crops'/'labels.json')
+    def write(which, folder):
+        cats, ims, anns = sets[which]
+        return write_coco(Dataset(out/folder, 'classification', [Category(i, n) for n, i in cats.items()], ims, anns), out/folder/'labels.json') if ims else None
+    return write('main', 'crops'), write('held', 'held-out')
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +75,8 @@ def champion(tmp_path_factory):
     tmp = tmp_path_factory.mktemp('retrain')
     ws = Workspace.open(tmp/'ws')
     generate_signing_key(ws)
-    old = DatasetStore(ws).ingest(shelf_crops(tmp/'old', seed=1, shelves=300), 'shelf-skus', progress=False)
+    labels, calm = shelf_crops(tmp/'old', seed=1, shelves=400, held_out=4)  # every 4th shelf is kept out, for the no-shift check
+    old = DatasetStore(ws).ingest(labels, 'shelf-skus', progress=False)
     run = fit(TrainConfig(arch='tiny_cnn', image_size=32, wandb_mode='disabled', **TRAIN), old.ref, ws, run_name='champion')
     ex = export(run.best_checkpoint, 'shelf-cam-x86', old.ref, ws, name='shelf-skus', version='1',
                 config={'precisions': ['fp32'], 'latency_runs': 2, 'latency_repeats': 1, 'latency_warmup': 1})
@@ -77,7 +84,7 @@ def champion(tmp_path_factory):
     mv = reg.register('shelf-skus', run.best_checkpoint, run_id=run.run_id, metrics={'val/acc': run.metrics['val/acc']})
     reg.add_bundle('shelf-skus', mv.version, ex.bundle, 'shelf-cam-x86')
     reg.promote('shelf-skus', mv.version, metric='val/acc', reason='first shelf model')
-    return {'ws': ws, 'tmp': tmp, 'old': old, 'bundle': ex.bundle, 'reg': reg}
+    return {'ws': ws, 'tmp': tmp, 'old': old, 'bundle': ex.bundle, 'reg': reg, 'calm': calm}
 
 
 def _pipeline_runs(ws: Workspace) -> list[str]:
@@ -86,7 +93,7 @@ def _pipeline_runs(ws: Workspace) -> list[str]:
 
 def test_no_shift_no_alert_starts_nothing(champion):
     ws = champion['ws']
-    calm = shelf_crops(champion['tmp']/'calm', seed=1, shelves=80, skip=300)  # more shelves of the champion's own stream
+    calm = champion['calm']  # shelves rendered with the champion's, never trained on nor in its reference
     alerts = Monitor.open(champion['bundle'], images=calm.parent, workspace=ws, permutations=300).alerts()
     assert alerts and not any(a.fired for a in alerts), [a.report.summary() for a in alerts]
     before = _pipeline_runs(ws)
@@ -97,7 +104,7 @@ def test_no_shift_no_alert_starts_nothing(champion):
 
 def test_bad_inputs_are_named(champion):
     ws = champion['ws']
-    dim = shelf_crops(champion['tmp']/'bad', seed=5, shelves=20, brightness=DIM)
+    dim = shelf_crops(champion['tmp']/'bad', seed=5, shelves=20, brightness=DIM)[0]
     alerts = Monitor.open(champion['bundle'], images=dim.parent, workspace=ws, permutations=300, min_images=5).alerts()
     assert any(a.fired for a in alerts)
     with pytest.raises(RegistryError, match="no model named 'shelf-sku'"): retrain(alerts, 'shelf-sku@champion', dim, ws)
@@ -113,10 +120,9 @@ def test_bad_inputs_are_named(champion):
     assert [s['status'] for s in run['steps']] == ['ran', 'failed', 'skipped']
 
 
-@pytest.mark.slow
 def test_drift_retrains_a_candidate_that_beats_the_champion(champion):
     ws, reg = champion['ws'], champion['reg']
-    shifted = shelf_crops(champion['tmp']/'shifted', seed=7, shelves=200, brightness=DIM, new_products=0.4)
+    shifted = shelf_crops(champion['tmp']/'shifted', seed=7, shelves=200, brightness=DIM, new_products=0.4)[0]
     alerts = Monitor.open(champion['bundle'], images=shifted.parent, workspace=ws, permutations=300).alerts()
     fired = [a for a in alerts if a.fired]
     assert fired and 'ks.brightness' in {t.name for t in fired[0].report.drifted}
