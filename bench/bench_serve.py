@@ -6,12 +6,14 @@ What runs, for the demo's two architectures (MobileNetV3-small classifier at 224
 a signed bundle with fresh weights and BatchNorm re-estimated on the photos (latency does not depend on what the
 weights learnt, but a detector with untouched BatchNorm ties every anchor and times an unusual NMS load):
 
-1. **Raw baseline**: `Predictor.predict_batch` on the encoded JPEG bytes (decoding included, as the server decodes)
-   in batches of the server's batch size, in a process pinned to core 0 (`taskset -c 0`), ONNX Runtime with one
+1. **Raw baseline**: `Predictor.predict_batch` on the encoded JPEG bytes (decoding included, as the server decodes),
+   one call per batch of the server's batch size (a call with all photos would decode and normalise them as one
+   array, a saving no server answering requests one batch at a time can make), in a process pinned to core 0 (`taskset -c 0`), ONNX Runtime with one
    intra-op thread. Images/s is the median of `--rounds` rounds, each at least 5 s of passes over `--images` real
    photos.
 2. **Server**: `retail-cv serve BUNDLE` pinned to core 0 with the same one-thread profile and bearer tokens on, and a
-   load generator pinned to core 1: `--concurrency` clients posting one JPEG per request for `--seconds`. Images/s,
+   load generator pinned to core 1: `--concurrency` clients (stdlib `http.client` on kept-alive connections, the
+   lightest client, so that the server is what is measured) posting one JPEG per request for `--seconds`. Images/s,
    p50 and p99 latency per request. Target: HTTP images/s >= 80 % of the raw baseline at the same batch size.
 3. **Does batching pay?** The raw runtime at batch 1 and batch 8 (classifier: dynamic batch; detector: a graph
    exported with a fixed batch of 4, since torchvision's detectors trace one loop per image). Where the larger batch
@@ -86,11 +88,15 @@ RAW = textwrap.dedent("""\
     bundle, profile, pub, rounds, files = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5:]
     p = Predictor.from_bundle(bundle, profile=profile, trusted_keys=[pub])
     data = [Path(f).read_bytes() for f in files]
-    p.predict_batch(data[:p.batch_size])  # warm-up
+    b = p.batch_size
+    calls = [data[i:i + b] for i in range(0, len(data) - b + 1, b)]  # one call per server batch, as the server makes them
+    for c in calls: p.predict_batch(c)  # warm-up
     rates = []
     for _ in range(rounds):  # each round passes over the photos for at least 5 s, as long as an HTTP round
         n, t0 = 0, time.perf_counter()
-        while (t := time.perf_counter() - t0) < 5: p.predict_batch(data); n += len(data)
+        while (t := time.perf_counter() - t0) < 5:
+            for c in calls: p.predict_batch(c)
+            n += b * len(calls)
         rates.append(n / t)
     print(json.dumps(rates))
     """)
@@ -104,21 +110,25 @@ def raw_rate(bundle: Path, profile: Path, pub: Path, pics: list[Path], rounds: i
 
 
 LOAD = textwrap.dedent("""\
-    import json, sys, threading, time
-    import httpx
+    import http.client, json, sys, threading, time
+    from urllib.parse import urlsplit
     url, token, seconds, clients, files = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
+    host, port = urlsplit(url).hostname, urlsplit(url).port
     data = [open(f, 'rb').read() for f in files]
     lat, errors, lock = [], [], threading.Lock()
     start = time.perf_counter() + 1.0; stop = start + seconds
+    headers = {'Authorization': 'Bearer ' + token, 'Content-Type': 'image/jpeg'}
+    def post(c, body):  # stdlib http.client on a kept-alive connection: the lightest client, so the server is measured
+        c.request('POST', '/v1/predict', body=body, headers=headers); r = c.getresponse(); r.read(); return r.status
     def client(k):
-        with httpx.Client(base_url=url, headers={'Authorization': 'Bearer ' + token, 'Content-Type': 'image/jpeg'}, timeout=60) as c:
-            i = k
-            c.post('/v1/predict', content=data[i % len(data)])  # warm-up, connection open
-            while time.perf_counter() < start: time.sleep(0.001)
-            while (t0 := time.perf_counter()) < stop:
-                r = c.post('/v1/predict', content=data[i % len(data)]); t1 = time.perf_counter()
-                with lock: (lat.append(t1 - t0) if r.status_code == 200 else errors.append(r.status_code))
-                i += clients
+        c, i = http.client.HTTPConnection(host, port, timeout=60), k
+        post(c, data[i % len(data)])  # warm-up, connection open
+        while time.perf_counter() < start: time.sleep(0.001)
+        while (t0 := time.perf_counter()) < stop:
+            status = post(c, data[i % len(data)]); t1 = time.perf_counter()
+            with lock: (lat.append(t1 - t0) if status == 200 else errors.append(status))
+            i += clients
+        c.close()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in threads: t.start()
     for t in threads: t.join()

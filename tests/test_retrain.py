@@ -12,6 +12,8 @@ start nothing; a pipeline that fails midway registers nothing.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,13 @@ def champion(tmp_path_factory):
     return {'ws': ws, 'tmp': tmp, 'old': old, 'bundle': ex.bundle, 'reg': reg, 'calm': calm}
 
 
+def _cli_retrain(ws: Workspace, new_data: Path, *args: str) -> subprocess.CompletedProcess:
+    "`retail-cv monitor retrain` as a user runs it (the champion's bundle found through the registry)."
+    cli = Path(sys.executable).parent/'retail-cv'
+    return subprocess.run([str(cli), '-w', str(ws.root), 'monitor', 'retrain', str(new_data), '--champion', 'shelf-skus@champion',
+                           '--permutations', '300', '--json', *args], capture_output=True, text=True, timeout=600)
+
+
 def _pipeline_runs(ws: Workspace) -> list[str]:
     return sorted(p.name for p in (ws.root/'runs').glob('pipeline-*'))
 
@@ -100,6 +109,9 @@ def test_no_shift_no_alert_starts_nothing(champion):
     res = retrain(alerts, 'shelf-skus@champion', calm, ws)
     assert res.status == 'no-alert' and res.version is None
     assert _pipeline_runs(ws) == before and 'shelf-skus-new' not in DatasetStore(ws).names()  # nothing ingested, nothing run
+    r = _cli_retrain(ws, calm)
+    assert r.returncode == 0 and json.loads(r.stdout)['status'] == 'no-alert', r.stderr[-2000:]
+    assert _pipeline_runs(ws) == before
 
 
 def test_bad_inputs_are_named(champion):
@@ -150,6 +162,8 @@ def test_drift_retrains_a_candidate_that_beats_the_champion(champion):
     moves = [e for e in reg.audit(action='set_alias') if e.target == 'shelf-skus@candidate']
     assert any('passed the retraining gate against shelf-skus:1' in e.reason for e in moves)
 
-    again = retrain(alerts, 'shelf-skus@champion', shifted, ws)  # a re-run: every step cached, nothing registered twice
-    assert again.status == 'candidate' and again.version.ref == mv.ref
+    r = _cli_retrain(ws, shifted)  # a re-run from the command line: every step cached, nothing registered twice
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(r.stdout)
+    assert again['status'] == 'candidate' and again['version'] == mv.ref, again
     assert [v.run_id for v in reg.versions('shelf-skus')].count(mv.run_id) == 1

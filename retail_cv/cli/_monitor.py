@@ -1,4 +1,4 @@
-"""`retail-cv monitor check BUNDLE --log DIR | --images DIR`: the drift check of a bundle against the service's prediction log or a folder of new images, with alert rules, a signed webhook, Prometheus gauges and an HTML page; `retail-cv monitor accuracy LOG_DIR LABELS`: accuracy from delayed labels per model version, store and class.
+"""`retail-cv monitor check BUNDLE --log DIR | --images DIR`: the drift check of a bundle against the service's prediction log or a folder of new images, with alert rules, a signed webhook, Prometheus gauges and an HTML page; `retail-cv monitor accuracy LOG_DIR LABELS`: accuracy from delayed labels per model version, store and class; `retail-cv monitor retrain NEW_DATA --champion NAME@ALIAS`: on an alert, retrain, compare and gate a `candidate`.
 
 Docs: https://retail-cv.github.io/retail_cv/cli_monitor.html.md"""
 
@@ -15,7 +15,7 @@ import typer
 from ._app import app, console, err_console, print_json, workspace
 
 # %% auto #0
-__all__ = ['monitor_app', 'ALERT_EXIT_CODE', 'monitor_check', 'monitor_accuracy']
+__all__ = ['monitor_app', 'ALERT_EXIT_CODE', 'monitor_check', 'monitor_accuracy', 'monitor_retrain']
 
 # %% ../../nbs/98g_cli_monitor.ipynb #ceddc148
 monitor_app = typer.Typer(no_args_is_help=True, help="Monitoring: drift of a bundle's reference against the prediction log or new images; accuracy from delayed labels.")
@@ -97,3 +97,40 @@ def monitor_accuracy(log_dir: Path = typer.Argument(..., help="The service's pre
         for a in alerts: console.print(f"rule {a.rule.name}: {a.rule.metric} = {a.value} {'FIRED' if a.fired else 'ok'}", highlight=False, markup=False)
         if html: err_console.print(f"accuracy page: {html}")
     if fired: raise typer.Exit(ALERT_EXIT_CODE)
+
+# %% ../../nbs/98g_cli_monitor.ipynb #5310dda0
+@monitor_app.command('retrain')
+def monitor_retrain(ctx: typer.Context,
+                    new_data: str = typer.Argument(..., help="The new images: a dataset folder or annotation file, or a dataset version NAME@ID"),
+                    champion: str = typer.Option(..., '--champion', help="The model in production as the registry names it, e.g. shelf-skus@champion"),
+                    bundle: Optional[Path] = typer.Option(None, help="The champion's signed bundle (default: the newest one the registry records for it)"),
+                    log: Optional[Path] = typer.Option(None, '--log', help="Check the service's prediction log instead of the new images"),
+                    since: Optional[str] = typer.Option(None, help="Log window (24h, 7d, ISO time)"),
+                    rules: Optional[Path] = typer.Option(None, help="Alert rules (YAML); default: alert when the report detects drift"),
+                    pipeline: Optional[Path] = typer.Option(None, help="Retraining pipeline (default: nbs/pipelines/retrain.yaml)"),
+                    set_: list[str] = typer.Option([], '--set', help="STEP.PARAM=VALUE pipeline override, e.g. train.epochs=40 (repeatable)"),
+                    margin: float = typer.Option(0.0, help="The candidate must beat the champion on the new data by more than this"),
+                    max_old_drop: float = typer.Option(0.05, help="How much worse than the champion it may be on the old data"),
+                    permutations: int = typer.Option(1000, help="MMD permutations"),
+                    seed: int = typer.Option(0, help="Seed of the permutation tests"),
+                    as_json: bool = typer.Option(False, '--json', help="Print the result as JSON")):
+    "Check drift and, when an alert fires, retrain the champion on its data and the new data; past the gate the result becomes `candidate` (exit 4 when refused)."
+    from retail_cv.jobs import parse_value
+    from retail_cv.monitor import DEFAULT_RULES, Monitor, RetrainGate, load_rules, retrain
+    from retail_cv.registry import Registry, split_ref
+    ws, config = workspace(ctx), load_rules(rules) if rules else DEFAULT_RULES
+    overrides: dict = {}
+    for kv in set_:
+        key, eq, value = kv.partition('='); step, dot, param = key.partition('.')
+        if not (step and param and eq and dot): raise typer.BadParameter(f"--set {kv!r}: write STEP.PARAM=VALUE")
+        overrides.setdefault(step, {})[param] = parse_value(value)
+    if bundle is None:
+        mv = Registry(ws).get(*split_ref(champion))
+        if not mv.bundles: raise typer.BadParameter(f"{mv.ref} has no recorded bundle: pass --bundle")
+        bundle = Path(mv.bundles[-1].path)
+    p = Path(new_data)
+    images = None if log else (p if p.is_dir() else p.parent)
+    alerts = Monitor.open(bundle, log=log, images=images, workspace=ws, permutations=permutations, seed=seed).alerts(config, since)
+    res = retrain(alerts, champion, new_data, ws, pipeline=pipeline, overrides=overrides, gate=RetrainGate(margin=margin, max_old_drop=max_old_drop))
+    print_json(res.to_dict()) if as_json else console.print(res.summary(), highlight=False, markup=False)
+    if res.status == 'refused': raise typer.Exit(4)

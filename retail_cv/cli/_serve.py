@@ -79,14 +79,19 @@ def serve_command(ctx: typer.Context,
                   timeout: float = typer.Option(30, help="Seconds before a request gets 504"),
                   batch_wait_ms: float = typer.Option(0, help="Micro-batching: wait this long for more images (0: off)"),
                   batch_images: int = typer.Option(8, help="Micro-batching: most images in one inference call"),
-                  watch: float = typer.Option(2, help="Seconds between looks for a new bundle (0: never)")):
-    "Serve predictions over HTTP, swapping the model when the bundle it follows changes."
+                  watch: float = typer.Option(2, help="Seconds between looks for a new bundle (0: never)"),
+                  planogram: Optional[Path] = typer.Option(None, help="POST /v1/shelf/audit: the bay's planogram YAML/JSON (checked at start)"),
+                  prices: Optional[Path] = typer.Option(None, help="POST /v1/shelf/audit: the price table CSV (checked at start)"),
+                  shelf_min_score: float = typer.Option(0.3, help="POST /v1/shelf/audit: ignore detections below this confidence"),
+                  shelf_ocr: bool = typer.Option(True, help="POST /v1/shelf/audit: read printed prices with Tesseract (where installed)")):
+    "Serve predictions (and code scans and shelf audits) over HTTP, swapping the model when the bundle it follows changes."
     from retail_cv.serve import ServeConfig, create_app  # imports FastAPI only for this command
     import uvicorn
     if workers != 1: raise ConfigError("run one process per host (ONNX Runtime uses the cores); scale with replicas")
     cfg = ServeConfig(resolve_bundle(ctx, target, profile), trusted_keys or None, profile, workspace(ctx), token_keys(token_keys_, no_auth, host),
                       revocations, int(max_body_mb * 2**20), max_pixels, timeout_s=timeout, batch_wait_ms=batch_wait_ms, batch_images=batch_images, log_dir=log_dir,
-                      log_sample=log_sample, log_images=log_images, health_file=health_file, watch_s=watch)
+                      log_sample=log_sample, log_images=log_images, health_file=health_file, watch_s=watch,
+                      planogram=planogram, prices=prices, shelf_min_score=shelf_min_score, shelf_ocr=shelf_ocr)
     api = create_app(cfg)
     slot = api.state.service.slot
     if not slot.refresh(): raise ConfigError(f"cannot serve {target}: {(slot.last_error or {}).get('error')}")

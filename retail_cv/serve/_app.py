@@ -1,4 +1,4 @@
-"""The FastAPI app of `retail-cv serve`: predict one image or a batch, the model served, liveness, readiness, Prometheus metrics and the OpenAPI docs, every failure a typed 4xx.
+"""The FastAPI app of `retail-cv serve`: predict one image or a batch, scan codes and audit shelves, the model served, liveness, readiness, Prometheus metrics and the OpenAPI docs, every failure a typed 4xx.
 
 Docs: https://retail-cv.github.io/retail_cv/serve_app.html.md"""
 
@@ -129,4 +129,6 @@ def create_app(config: ServeConfig,  # the bundle to follow, keys, limits, log
                   description="Predictions from a signed, golden-checked edge bundle, swapped atomically when it changes.")
     app.state.service = svc
     add_error_handlers(app); app.add_middleware(CountResponses, svc=svc); add_predict_routes(app, svc); add_info_routes(app, svc)
+    from retail_cv.serve._apps import add_apps_routes  # it builds on `need` and `read_images` above
+    add_apps_routes(app, svc)  # scan and shelf audit; reads the planogram and price table now
     return app

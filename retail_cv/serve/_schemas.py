@@ -17,7 +17,9 @@ from ._images import MAX_BODY_BYTES, MAX_IMAGE_PIXELS, RAW_IMAGE_TYPES
 
 # %% auto #0
 __all__ = ['ERRORS', 'ServeConfig', 'ModelRef', 'ClassificationOut', 'DetectionOut', 'PredictionOut', 'BatchOut', 'GoldenOut',
-           'ModelOut', 'SwapError', 'ModelsOut', 'Status', 'ErrorOut', 'image_body']
+           'ModelOut', 'SwapError', 'ModelsOut', 'Status', 'ErrorOut', 'CodeOut', 'ConflictOut', 'ProductCountOut',
+           'ScanOut', 'RunOut', 'StockIssueOut', 'PlanogramIssueOut', 'PriceIssueOut', 'TagOut', 'AuditCountsOut',
+           'AuditOut', 'image_body']
 
 # %% ../../nbs/54_serve_schemas.ipynb #8b857e79
 @dataclass
@@ -40,6 +42,10 @@ class ServeConfig:
     log_images: bool = False  # also keep each logged image, faces blurred (off: the log never holds image bytes)
     health_file: str | os.PathLike | None = None  # the fleet agent's health/counters.json: inferences and failures for its watchdog
     watch_s: float = 2.0  # how often to look for a new bundle; 0: never
+    planogram: str | os.PathLike | None = None  # `/v1/shelf/audit`: the bay's planogram (YAML/JSON), read and checked at start
+    prices: str | os.PathLike | None = None  # `/v1/shelf/audit`: the price table CSV, read and checked at start
+    shelf_min_score: float = 0.3  # `/v1/shelf/audit`: detections below this confidence are ignored
+    shelf_ocr: bool = True  # `/v1/shelf/audit`: read printed prices with Tesseract, where installed
 
 # %% ../../nbs/54_serve_schemas.ipynb #c047c92a
 class ModelRef(BaseModel):
@@ -129,6 +135,117 @@ class Status(BaseModel):
 class ErrorOut(BaseModel):
     "Every error: what is wrong."
     detail: str
+
+# %% ../../nbs/54_serve_schemas.ipynb #8d9ff1b0
+class CodeOut(BaseModel):
+    "One code in the image: what it says, its GS1 check and where it is."
+    symbology: str  # zxing-cpp format name: EAN13, EAN8, QRCode, ...
+    text: str  # plain text
+    gtin: str | None  # GTIN-14 when the code carries one
+    valid: bool  # False when its check digit is wrong
+    problem: str | None  # why it is not valid
+    votes: int  # image variants that read it
+    corners: list[tuple[float, float]]  # x, y in pixels of the upright image: top-left, top-right, bottom-right, bottom-left
+
+# %% ../../nbs/54_serve_schemas.ipynb #41c84240
+class ConflictOut(BaseModel):
+    "A spot where two readings tied, so that neither is reported."
+    symbology: str
+    text: str
+    votes: int
+    against: list[str]  # the texts it tied with
+
+# %% ../../nbs/54_serve_schemas.ipynb #edce2345
+class ProductCountOut(BaseModel):
+    "The valid codes of one product: by GTIN-14 where the code has one, else by symbology and text."
+    gtin: str | None
+    symbology: str
+    text: str
+    count: int
+
+# %% ../../nbs/54_serve_schemas.ipynb #d0c89bca
+class ScanOut(BaseModel):
+    "`POST /v1/scan`: every code in the image, misreads voted out, and the count of each product."
+    scan_id: str
+    codes: list[CodeOut]
+    conflicts: list[ConflictOut]
+    products: list[ProductCountOut]
+
+# %% ../../nbs/54_serve_schemas.ipynb #729b6722
+class RunOut(BaseModel):
+    "Neighbouring facings of one product on a shelf row, or a sold-out stretch."
+    row: int  # 0 is the top shelf
+    sku: str | None  # None for a gap nothing names
+    present: int  # facings with a product
+    missing: int  # facings empty
+    box: list[float]  # x0, y0, x1, y1 in pixels
+
+# %% ../../nbs/54_serve_schemas.ipynb #64d59db0
+class StockIssueOut(BaseModel):
+    "A run with missing facings."
+    issue: Literal['out_of_stock', 'partly_out_of_stock']
+    row: int
+    sku: str | None
+    missing_facings: int
+    present_facings: int
+    box: list[float]
+
+# %% ../../nbs/54_serve_schemas.ipynb #13d51dc8
+class PlanogramIssueOut(BaseModel):
+    "A difference between a shelf row and its plan (or between the numbers of shelves)."
+    issue: Literal['missing', 'misplaced', 'extra', 'wrong_facings', 'shelf_count']
+    row: int | None = None  # none for shelf_count
+    sku: str | None = None
+    planned: int | None = None  # planned facings (shelves for shelf_count)
+    found: int | None = None  # facings (shelves) found
+    planned_here: str | None = None  # the product planned where a misplaced or extra one stands
+
+# %% ../../nbs/54_serve_schemas.ipynb #2a763143
+class PriceIssueOut(BaseModel):
+    "A price tag that disagrees with the price table or the product above it, or a product without a readable tag."
+    issue: Literal['wrong_price', 'tag_of_another_product', 'missing_tag', 'unreadable_tag', 'not_in_price_table']
+    row: int
+    sku: str | None = None  # the product concerned
+    tag_sku: str | None = None  # the product the tag names (tag_of_another_product)
+    source: Literal['code', 'printed'] | None = None  # where the wrong price was read
+    tag_price: str | None = None
+    table_price: str | None = None
+    tag_box: list[float] | None = None  # the tag, in pixels
+    box: list[float] | None = None  # the run without a tag (missing_tag)
+
+# %% ../../nbs/54_serve_schemas.ipynb #81da2486
+class TagOut(BaseModel):
+    "A price tag read: its box, the product and price its code carries, the price printed on it."
+    box: list[float]
+    sku: str | None
+    price: str | None  # from its code
+    printed_price: str | None  # read by OCR
+    code: str | None
+    symbology: str | None
+
+# %% ../../nbs/54_serve_schemas.ipynb #d98efd28
+class AuditCountsOut(BaseModel):
+    "How many boxes the detector found (above the score threshold) and how many issues the audit lists."
+    boxes: int
+    issues: int
+
+# %% ../../nbs/54_serve_schemas.ipynb #e699c741
+class AuditOut(BaseModel):
+    "`POST /v1/shelf/audit`: one shelf photo's runs, facings, out-of-stock runs, planogram and price issues."
+    audit_id: str  # the prediction log's id of the detection behind it
+    model: ModelRef  # the detector that answered
+    rows: list[list[RunOut]]  # each row's runs, top to bottom
+    facings: dict[str, int]  # facings present per product
+    out_of_stock: list[StockIssueOut]
+    planogram: list[PlanogramIssueOut] | None  # None when the service has no planogram
+    prices: list[PriceIssueOut] | None  # None when the service has no price table
+    tags: list[TagOut]
+    counts: AuditCountsOut
+
+    @classmethod
+    def of(cls, audit_id: str, model: ModelRef, audit: dict) -> AuditOut:
+        "From a `ShelfAudit.to_dict()`."
+        return cls(audit_id=audit_id, model=model, **{k: v for k, v in audit.items() if k != 'source'})
 
 # %% ../../nbs/54_serve_schemas.ipynb #48ddcfd9
 ERRORS = {s: {'model': ErrorOut, 'description': d} for s, d in [
