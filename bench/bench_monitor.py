@@ -117,6 +117,7 @@ def train(images: list[Image.Image], y: np.ndarray, n_classes: int, image_size: 
 def measure(images: list[Image.Image], model, pp, labels: list[str]) -> tuple[list, list, list]:
     "Per image: image statistics, the answer's JSON form and the embedding."
     import torch
+    if not images: return [], [], []
     x = torch.from_numpy(normalize(np.stack([resize_image(im, pp)[0] for im in images]), pp))
     with torch.no_grad(): logits, emb = model(x)
     return [image_stats(im) for im in images], [r.to_dict() for r in postprocess_classification(logits.numpy(), labels)], list(emb.numpy())
@@ -217,7 +218,7 @@ def main() -> None:
         for cond, fn in conds.items(): pool.add(cond, idx[hi], measure([fn(ims[j]) for j in hi], model, pp, labels))
         gi = [j for j, i in enumerate(idx) if i in graded_pool]
         for cond, fn in graded.items():
-            if gi: pool.add(cond, idx[gi], measure([fn(ims[j]) for j in gi], model, pp, labels))
+            pool.add(cond, idx[gi], measure([fn(ims[j]) for j in gi], model, pp, labels))
     feat_s = time.perf_counter() - t0
     ys = np.array([pos[files[i].parent.name] for i in held])
     acc = float(np.mean([pool.f['clean'][int(i)][1]['index'] == y for i, y in zip(held, ys)]))

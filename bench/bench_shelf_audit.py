@@ -24,7 +24,7 @@ Writes bench/results/shelf_audit.json: per seed and pooled numbers, per-stage di
     python bench/bench_shelf_audit.py --train-minutes 12 [--workspace NEW_DIR]    # train one here first
     options: --shelves 200 --seeds 1001 1002 1003 --no-ocr --no-references --price-changes 3 --min-score 0.3
 """
-import argparse, dataclasses, io, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time
+import argparse, io, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time
 from collections import Counter
 from pathlib import Path
 

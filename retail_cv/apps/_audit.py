@@ -36,7 +36,7 @@ def verify_prices(rows: Sequence[ShelfRow],  # rows with their tags
                   readings: dict[Box, TagReading],  # what each tag box says
                   prices: dict[str, PriceEntry],  # the price table
                  ) -> list[dict[str, Any]]:
-    "Price issues: wrong price, tag of another product, missing tag, unreadable tag, product not in the price table."
+    "Price issues: wrong price, print differing from code, tag of another product, missing tag, unreadable tag, product not in the price table."
     out = []
     for row, rr in zip(rows, runs):
         tagged = set()
@@ -51,11 +51,14 @@ def verify_prices(rows: Sequence[ShelfRow],  # rows with their tags
             sku = tag.sku or (run.sku if run else None)
             if sku is None: continue
             if sku not in prices: out.append({'issue': 'not_in_price_table', 'row': row.index, 'sku': sku, 'tag_box': box}); continue
-            want = prices[sku].cents
-            for source, got in (('code', tag.cents), ('printed', tag.printed_cents)):
-                if got is not None and got != want:
-                    out.append({'issue': 'wrong_price', 'row': row.index, 'sku': sku, 'source': source, 'tag_price': _money(got),
-                                'table_price': _money(want), 'tag_box': box})
+            want, code, printed = prices[sku].cents, tag.cents, tag.printed_cents
+            # a price the code carries is check-digited; OCR is not: the print alone judges a tag only when its code has no price
+            if code is not None and code != want or code is None and printed is not None and printed != want:
+                out.append({'issue': 'wrong_price', 'row': row.index, 'sku': sku, 'source': 'code' if code is not None else 'printed',
+                            'tag_price': _money(code if code is not None else printed), 'table_price': _money(want), 'tag_box': box})
+            if code is not None and printed is not None and printed != code:  # a misprinted tag, or OCR misread it
+                out.append({'issue': 'print_differs_from_code', 'row': row.index, 'sku': sku, 'printed_price': _money(printed),
+                            'code_price': _money(code), 'tag_box': box})
         out += [{'issue': 'missing_tag', 'row': row.index, 'sku': r.sku, 'box': r.to_dict()['box']} for r in rr if id(r) not in tagged]
     return out
 

@@ -151,7 +151,7 @@ def score_audits(audits: Sequence[ShelfAudit],  # one per held-out shelf
                  changed: Sequence[str],  # products repriced in the store's table
                 ) -> dict[str, Any]:
     "The audit against the truth: out of stock at facing level, wrong prices at tag level, every other finding counted."
-    oos, wp = Counter(), Counter()
+    oos, wp = Counter(found=0, true=0, matched=0), Counter(found=0, true=0, matched=0)  # every key, even at zero
     for a in audits:
         t = truth[a.source]
         found = _missing_boxes(a)

@@ -111,7 +111,8 @@ def add_apps_routes(app: FastAPI,  # the service's app
         need_apps()
         return await in_thread(scan_photo, svc, (await read_images(svc, request, False))[0], timeout_s=svc.config.timeout_s)
 
-    @app.post('/v1/shelf/audit', response_model=AuditOut, responses={200: {'content': PNG}, **AUDIT_ERRORS}, openapi_extra=image_body(False), tags=['apps'])
+    @app.post('/v1/shelf/audit', response_model=AuditOut, response_model_exclude_unset=True,  # an issue has the fields of its kind
+              responses={200: {'content': PNG}, **AUDIT_ERRORS}, openapi_extra=image_body(False), tags=['apps'])
     async def shelf_audit(request: Request, annotated: bool = Query(False, description="answer with the photo annotated, as PNG"),
                           _=Security(need(svc, 'predict'))):
         "Audit one shelf photo with the served detector: runs, out of stock, planogram and prices."
