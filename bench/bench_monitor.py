@@ -186,7 +186,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('dataset', nargs='?', default=str(Path(__file__).resolve().parents[2]/'shared'/'data'/'grocery'))
     ap.add_argument('--train-images', type=int, default=1000, help="seen-class images of the train split the model learns from")
-    ap.add_argument('--epochs', type=int, default=30)
+    ap.add_argument('--epochs', type=int, default=100)
     ap.add_argument('--ref', type=int, default=300, help="reference images per draw (export keeps 300)")
     ap.add_argument('--sizes', type=int, nargs='+', default=[50, 200, 1000], help="current sample sizes n")
     ap.add_argument('--resamples', type=int, default=500, help="no-shift draws per n (false-positive rate)")

@@ -11,7 +11,8 @@ weights learnt, but a detector with untouched BatchNorm ties every anchor and ti
    array, a saving no server answering requests one batch at a time can make), in a process pinned to core 0 (`taskset -c 0`), ONNX Runtime with one
    intra-op thread. Images/s is the median of `--rounds` rounds, each at least 5 s of passes over `--images` real
    photos.
-2. **Server**: `retail-cv serve BUNDLE` pinned to core 0 with the same one-thread profile and bearer tokens on, and a
+2. **Server**: `retail-cv serve BUNDLE` (uvicorn with httptools and uvloop, as the `serve` extra installs it) pinned
+   to core 0 with the same one-thread profile and bearer tokens on, and a
    load generator pinned to core 1: `--concurrency` clients (stdlib `http.client` on kept-alive connections, the
    lightest client, so that the server is what is measured) posting one JPEG per request for `--seconds`. Images/s,
    p50 and p99 latency per request. Target: HTTP images/s >= 80 % of the raw baseline at the same batch size.

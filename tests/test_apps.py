@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retail_cv.apps import (PriceEntry, Slot, audit_image, boxes_from_scene, check_planogram, out_of_stock, read_planogram,
-                            read_prices, runs_of_row, scan_image, shelf_rows, sku_widths)
+from retail_cv.apps import (PriceEntry, Slot, audit_image, boxes_from_scene, check_planogram, name_products, out_of_stock,
+                            read_planogram, read_prices, runs_of_row, scan_image, shelf_rows, sku_widths)
 from retail_cv.core import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +121,34 @@ def test_planogram_of_the_scene_finds_nothing_and_a_changed_one_finds_each_chang
     runs = [runs_of_row(r, sku_widths(boxes)) for r in shelf_rows(boxes)]
     issues = {(i['issue'], i['row'], i['sku']) for i in check_planogram(runs, plan)}
     assert issues == {('missing', len(plan) - 1, 'SKU-NEW'), ('wrong_facings', 0, first.sku)}
+
+
+def test_a_missed_tag_does_not_merge_the_run_above_it_into_its_left_neighbour(shelves):
+    _, scenes = shelves
+    checked = 0
+    for sc in scenes:
+        photo = Image.fromarray(sc.image[..., ::-1])
+        truth = boxes_from_scene(sc.objects)
+        kinds = [dataclasses.replace(b, sku=None) if b.kind == 'product' else b for b in truth]  # a kinds detector, tags read
+        plan = [[Slot(sku=s['sku'], facings=s['facings']) for s in shelf] for shelf in sc.planogram]
+        for row in shelf_rows(truth):
+            runs = runs_of_row(row, sku_widths(truth))
+            for left, right in zip(runs, runs[1:]):  # two neighbouring runs with products, of two products
+                if not (left.present and right.present and not right.missing and left.sku != right.sku and left.boxes[-1].kind == 'product'): continue
+                tag = next(t for t in row.tags if t.sku == right.sku)
+                gone = [b for b in kinds if b != tag]  # the detector missed the right run's tag
+                named = {(b.x0, b.y0): b.sku for b in name_products(gone, photo) if b.kind == 'product'}
+                got = [named[(b.x0, b.y0)] for b in right.boxes if b.kind == 'product']
+                assert left.sku not in got  # without the photo, the tag on the left would name them all
+                first = next(b for b in right.boxes if b.kind == 'product')
+                assert {b.sku for b in name_products(gone) if (b.x0, b.y0, b.kind) == (first.x0, first.y0, 'product')} == {left.sku}
+                audit = audit_image(photo, gone, plan, None, ocr=False)
+                assert audit.planogram == []  # the plan names the unnamed run, facings and all
+                assert not any(o['sku'] in (left.sku, right.sku) and o['issue'] == 'out_of_stock' for o in audit.out_of_stock)
+                checked += 1
+                break
+            if checked >= 6: return
+    assert checked >= 3, checked
 
 
 def test_price_check_reads_the_tags_from_pixels(shelves, tmp_path):

@@ -156,6 +156,34 @@ def test_metrics_and_openapi_name_the_new_endpoints(env, server):
     assert {'PriceIssueOut', 'PlanogramIssueOut', 'StockIssueOut', 'CodeOut'} <= set(spec['components']['schemas'])
 
 
+def _issue_kinds_and_keys() -> tuple[set[str], set[str]]:
+    "Every issue kind `retail_cv.apps` writes (`{'issue': ...}` dicts and `_issue(...)` calls), and every key beside it."
+    import ast
+    kinds, keys = set(), set()
+    consts = lambda n: {n.value} if isinstance(n, ast.Constant) else consts(n.body) | consts(n.orelse) if isinstance(n, ast.IfExp) else set()
+    for f in (ROOT/'retail_cv'/'apps').glob('_*.py'):
+        for n in ast.walk(ast.parse(f.read_text())):
+            names = [getattr(k, 'value', None) for k in n.keys] if isinstance(n, ast.Dict) else []
+            if 'issue' in names and (kind := consts(n.values[names.index('issue')])) and all(isinstance(k, str) for k in kind):
+                kinds |= kind; keys |= {k for k in names if isinstance(k, str)}  # an issue (not, say, a colour per issue)
+            elif isinstance(n, ast.Call) and getattr(n.func, 'id', '') == '_issue':
+                kinds |= consts(n.args[0]); keys |= {'issue', 'row'} | {k.arg for k in n.keywords if k.arg}
+                keys |= {k.value for kw in n.keywords if kw.arg is None for d in ast.walk(kw.value) if isinstance(d, ast.Dict)
+                         for k in d.keys if isinstance(k, ast.Constant)}
+    return kinds, keys
+
+
+def test_the_typed_issues_cover_every_issue_the_apps_write():
+    "A new issue kind or field in `retail_cv.apps` must reach the typed answer (a kind unknown to it would be a 500)."
+    from typing import get_args
+    from retail_cv.serve._schemas import PlanogramIssueOut, PriceIssueOut, StockIssueOut
+    models = (StockIssueOut, PlanogramIssueOut, PriceIssueOut)
+    kinds, keys = _issue_kinds_and_keys()
+    assert {'out_of_stock', 'missing', 'wrong_price', 'print_differs_from_code'} <= kinds and {'tag_box', 'planned_here'} <= keys
+    assert kinds <= {k for m in models for k in get_args(m.model_fields['issue'].annotation)}
+    assert keys <= {f for m in models for f in m.model_fields}
+
+
 # ---- bad requests are 4xx with a message ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize('endpoint', ['/v1/scan', '/v1/shelf/audit'])

@@ -17,6 +17,7 @@ from ._audit import ShelfAudit, audit_files, audit_image, name_products, verify_
 from ._report import annotate, html_page, write_report
 from ._picking import PickCheck, item_key, picked_items, read_order, verify_picking
 from ._returns import CONDITIONS, ReturnCheck, check_return
+from ._identity import Gallery, Identity, embed, identify, model_identity
 
 __all__ = ['CodeCheck', 'check_code', 'gs1_check_digit', 'upce_to_upca',
            'Code', 'Reading', 'ScanResult', 'code_regions', 'merge_readings', 'product_counts', 'scan_files', 'scan_image',
@@ -24,4 +25,5 @@ __all__ = ['CodeCheck', 'check_code', 'gs1_check_digit', 'upce_to_upca',
            'Planogram', 'Slot', 'check_planogram', 'read_planogram',
            'PriceEntry', 'TagReading', 'ocr_price', 'price_embedded', 'read_prices', 'read_tag', 'tag_from_code', 'tesseract_available',
            'ShelfAudit', 'audit_files', 'audit_image', 'name_products', 'verify_prices', 'annotate', 'html_page', 'write_report',
-           'PickCheck', 'item_key', 'picked_items', 'read_order', 'verify_picking', 'CONDITIONS', 'ReturnCheck', 'check_return']
+           'PickCheck', 'item_key', 'picked_items', 'read_order', 'verify_picking', 'CONDITIONS', 'ReturnCheck', 'check_return',
+           'Gallery', 'Identity', 'embed', 'identify', 'model_identity']

@@ -17,7 +17,8 @@ from PIL import Image
 
 from ._planogram import Planogram, Slot, check_planogram, read_planogram
 from ._prices import PriceEntry, TagReading, _money, read_prices, read_tag
-from ._shelf_rows import Box, Run, ShelfRow, boxes_from_detections, out_of_stock, runs_of_row, shelf_rows, sku_widths
+from ._shelf_rows import (SAME_LOOK, Box, Run, ShelfRow, appearance, boxes_from_detections, look_distance, out_of_stock,
+                                        runs_of_row, shelf_rows, sku_widths)
 from ..preprocess import ImageSource, load_image
 
 # %% auto #0
@@ -94,16 +95,27 @@ class ShelfAudit:
                 'counts': {'boxes': len(self.boxes), 'issues': len(self.issues)}}
 
 # %% ../../nbs/70f_apps_audit.ipynb #cfc54906
+def _overlap(a: Box, b: Box) -> float: return min(a.x1, b.x1) - max(a.x0, b.x0)
+
 def name_products(boxes: Sequence[Box],  # one image's boxes, tags named by their codes
+                  photo: Image.Image | None = None,  # the photo: a product takes a tag not under it only when it looks like that tag's products
+                  max_look: float = SAME_LOOK,  # the most `look_distance` of two facings of one product
                  ) -> list[Box]:
-    "Products without a SKU named by the tag under them, else by the nearest tag to their left on their shelf."
+    "Products without a SKU named by the tag under them, else by the nearest tag to their left on their shelf (if they look alike)."
     named: dict[Box, Box] = {}
     for row in shelf_rows(boxes):
         tags = sorted((t for t in row.tags if t.sku), key=lambda t: t.x0)
-        for b in (b for b in row.items if b.kind == 'product' and not b.sku and tags):
-            over = max(tags, key=lambda t: min(t.x1, b.x1) - max(t.x0, b.x0))
+        prods = [b for b in row.items if b.kind == 'product' and not b.sku and tags]
+        looks = {b: appearance(photo, b) for b in prods} if photo is not None else {}
+        under = {b: t for b in prods for t in [max(tags, key=lambda t: _overlap(t, b))] if _overlap(t, b) > 0}
+        refs: dict[Box, list] = {}
+        for b, t in under.items(): refs.setdefault(t, []).append(looks.get(b))
+        for b in prods:
             left = [t for t in tags if t.x0 <= b.cx]
-            tag = over if min(over.x1, b.x1) > max(over.x0, b.x0) else (left[-1] if left else tags[0])
+            tag = under.get(b) or (left[-1] if left else tags[0])
+            if photo is not None and b not in under:
+                if not any(look_distance(looks[b], r) <= max_look for r in refs.get(tag, [])): continue  # looks like another product
+                refs[tag].append(looks[b])
             named[b] = dataclasses.replace(b, sku=tag.sku)
     return [named.get(b, b) for b in boxes]
 
@@ -125,10 +137,10 @@ def audit_image(image: ImageSource,  # the photo
         readings = {b: read_tag(photo, b, prices, ocr) for b in boxes if b.kind == 'price_tag'}
         boxes = [dataclasses.replace(b, sku=readings[b].sku or b.sku) if b in readings else b for b in boxes]
         readings = {dataclasses.replace(b, sku=t.sku or b.sku): t for b, t in readings.items()}
-        boxes = name_products(boxes)  # a detector of kinds leaves products unnamed: their tags name them
+        boxes = name_products(boxes, photo)  # a detector of kinds leaves products unnamed: their tags name them
     rows = shelf_rows(boxes)
     widths = sku_widths(boxes)
-    runs = [runs_of_row(r, widths, empty_spans) for r in rows]
+    runs = [runs_of_row(r, widths, empty_spans, photo=photo) for r in rows]
     issues = check_planogram(runs, plan) if plan is not None else None  # names sold-out runs first
     price_issues = verify_prices(rows, runs, readings, prices) if prices is not None else None
     tags = [{'box': [round(v, 1) for v in (b.x0, b.y0, b.x1, b.y1)], **t.to_dict()} for b, t in readings.items()]

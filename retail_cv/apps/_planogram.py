@@ -111,8 +111,8 @@ def _row_issues(i: int, plan: Sequence[Slot], runs: Sequence[Run], planned: set[
     "Issues of one row against its planned shelf."
     out, seen = [], {r.sku for r in runs if r.sku}
     for p, r in _align(_merged(plan), runs):
-        if r is not None and r.sku is None and not r.present and p is not None: r.sku, r.missing = p.sku, p.facings  # a sold-out run named by the plan
-        elif r is not None and p is not None and r.sku == p.sku and not r.present: r.missing = p.facings
+        if r is not None and p is not None and r.sku is None: r.sku = p.sku  # a run nothing named (sold out, or its tag missed): the plan names it
+        if r is not None and p is not None and r.sku == p.sku and not r.present: r.missing = p.facings  # sold out: as many facings as planned
         if p is not None and r is not None and r.sku == p.sku:
             if r.facings != p.facings: out.append(_issue('wrong_facings', i, sku=p.sku, planned=p.facings, found=r.facings))
             continue

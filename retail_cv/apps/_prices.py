@@ -147,6 +147,7 @@ def read_tag(image: Image.Image,  # the shelf photo (RGB)
     "What a tag on a photo says: its code (read with retries on the enlarged crop) and its printed price."
     m = 0.15 * max(box.width, box.height)
     crop = image.crop((max(0, int(box.x0 - m)), max(0, int(box.y0 - m)), min(image.width, int(box.x1 + m)), min(image.height, int(box.y1 + m))))
+    if min(crop.size) < 1: return TagReading(None, None)  # a box under a pixel, or outside the photo: nothing to read
     codes = [c for c in scan_image(crop, regions=[]).codes if c.valid]
     tag = tag_from_code(codes[0].symbology, codes[0].text, prices) if codes else TagReading(None, None)
     if ocr:

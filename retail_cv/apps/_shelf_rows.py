@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ..core import DataError
 
 # %% auto #0
-__all__ = ['KINDS', 'Box', 'boxes_from_detections', 'boxes_from_scene', 'ShelfRow', 'shelf_rows', 'Run', 'sku_widths',
-           'runs_of_row', 'out_of_stock']
+__all__ = ['KINDS', 'SAME_LOOK', 'Box', 'boxes_from_detections', 'boxes_from_scene', 'ShelfRow', 'shelf_rows', 'Run',
+           'sku_widths', 'appearance', 'look_distance', 'runs_of_row', 'out_of_stock']
 
 # %% ../../nbs/70c_apps_shelf_rows.ipynb #12c548b1
 KINDS = ('product', 'gap', 'price_tag')
@@ -157,11 +158,44 @@ def _gaps_in(items: list[Box], empty_spans: bool, min_span: float) -> list[Box]:
         if b.x0 - a.x1 > min_span * w: out.append(Box(a.x1, min(a.y0, b.y0), b.x0, max(a.y1, b.y1), 'gap'))
     return out
 
+# %% ../../nbs/70c_apps_shelf_rows.ipynb #cb6a1d9f
+def appearance(photo: Image.Image,  # the shelf photo, RGB
+               box: Box,  # a box on it
+               bins: int = 8,  # chromaticity bins per axis
+               inset: float = 0.12,  # share of each side left out
+              ) -> np.ndarray:
+    "A light-robust colour signature of a box's crop: its brightness-weighted rg-chromaticity histogram (sums to 1)."
+    dx, dy = inset * box.width, inset * box.height
+    x0, y0 = int(box.x0 + dx), int(box.y0 + dy)
+    crop = photo.crop((x0, y0, max(x0 + 1, int(box.x1 - dx)), max(y0 + 1, int(box.y1 - dy))))
+    a = np.asarray(crop.convert('RGB').resize((16, 32), Image.BILINEAR), np.float32).reshape(-1, 3) + 1
+    s = a.sum(1)
+    hist = np.histogram2d(a[:, 0] / s, a[:, 1] / s, bins=bins, range=[[0, 1], [0, 1]], weights=s)[0].ravel()
+    return hist / hist.sum()
+
+# %% ../../nbs/70c_apps_shelf_rows.ipynb #1b5657d6
+SAME_LOOK = 0.4  # the most two facings of one product differ by (tuned on the training seed's shelves)
+
+def look_distance(a: np.ndarray,  # an `appearance`
+                  b: np.ndarray,  # another
+                 ) -> float:
+    "How differently two appearances look: 0 the same colours, 1 none in common (half their L1 distance)."
+    return float(np.abs(a - b).sum() / 2)
+
+# %% ../../nbs/70c_apps_shelf_rows.ipynb #d9e3cd28
+def _alike(photo: Image.Image | None, run: Run | None, b: Box, max_look: float) -> bool:
+    "Whether product `b` looks like the last product of an unnamed `run` with products (never without a photo)."
+    prods = [x for x in run.boxes if x.kind == 'product'] if run is not None and run.sku is None else []
+    if photo is None or b.kind != 'product' or b.sku is not None or not prods: return False
+    return look_distance(appearance(photo, b), appearance(photo, prods[-1])) <= max_look
+
 # %% ../../nbs/70c_apps_shelf_rows.ipynb #62440493
 def runs_of_row(row: ShelfRow,  # one shelf row
                 widths: dict[str, float] | None = None,  # one facing's width per SKU (`sku_widths` of the image)
                 empty_spans: bool = False,  # count wide empty stretches between boxes as gaps
                 min_span: float = 1.5,  # how many facing widths an empty stretch must exceed to be a gap
+                photo: Image.Image | None = None,  # the photo: unnamed neighbouring products are one run when they look alike
+                max_look: float = SAME_LOOK,  # the most `look_distance` of two facings of one product
                ) -> list[Run]:
     "The row's runs, left to right: products with their facings, gaps with the facings they stand for."
     items = _gaps_in(list(row.items), empty_spans, min_span)
@@ -175,7 +209,7 @@ def runs_of_row(row: ShelfRow,  # one shelf row
         untagged = b.kind == 'gap' and bool(row.tags) and not any(min(t.x1, b.x1) > max(t.x0, b.x0) for t in row.tags)
         hole = (b.kind == 'gap' and sku is None and last is not None and last.sku is not None and last.present
                 and (untagged or (nxt is not None and nxt.kind == 'product' and nxt.sku == last.sku)))  # a gap inside a run, or after it with no tag of its own
-        if last is not None and ((sku is not None and last.sku == sku) or hole or (sku is None and last.sku is None and b.kind == 'gap' and not last.present)):
+        if last is not None and ((sku is not None and last.sku == sku) or hole or _alike(photo, last, b, max_look) or (sku is None and last.sku is None and b.kind == 'gap' and not last.present)):
             last.boxes.append(b); last.present += present; last.missing += missing
         else: runs.append(Run(row.index, sku, [b], present, missing))
     return runs

@@ -17,9 +17,9 @@ from ._metrics import ServeMetrics
 from ._health import HealthCounters
 from ._models import LoadedModel, ModelSlot, Watcher, load_model
 from ._run import ServerThread, free_port, serve
-from ._schemas import BatchOut, ModelsOut, PredictionOut, ServeConfig
+from ._schemas import AuditOut, BatchOut, ModelsOut, PredictionOut, ScanOut, ServeConfig
 
 __all__ = ['create_app', 'serve', 'ServerThread', 'free_port', 'ServeConfig', 'SCOPES', 'issue_token', 'TokenVerifier',
            'TokenClaims', 'TokenError', 'ScopeError', 'read_revocations', 'RequestError', 'MAX_BODY_BYTES',
            'MAX_IMAGE_PIXELS', 'LOG_SCHEMA', 'PredictionLog', 'prune_log', 'delete_store', 'ServeMetrics', 'HealthCounters', 'LoadedModel', 'ModelSlot', 'Watcher',
-           'load_model', 'MicroBatcher', 'PredictionOut', 'BatchOut', 'ModelsOut']
+           'load_model', 'MicroBatcher', 'PredictionOut', 'BatchOut', 'ModelsOut', 'ScanOut', 'AuditOut']

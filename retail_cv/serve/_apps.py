@@ -87,7 +87,7 @@ def audit_photo(svc: Service,  # the service
     shelf_detector(svc)  # refused before any work
     out = predict_images(svc, [data], headers)[0]  # the model taken once; its boxes logged under the audit's id
     if out.detections is None: raise RequestError(409, f"the served model is now {out.model.name} {out.model.version}, no detector")
-    d = out.detections
+    d = [x for x in out.detections if x.box[2] - x.box[0] >= 1 and x.box[3] - x.box[1] >= 1]  # nothing to count or read under a pixel
     det = types.SimpleNamespace(boxes=[x.box for x in d], scores=[x.score for x in d], label_names=[x.label for x in d])
     photo = decode_image(data, svc.config.max_pixels)
     audit = audit_image(photo, boxes_from_detections(det, setup.min_score), setup.plan, setup.prices, ocr=setup.ocr, name='image')

@@ -202,14 +202,16 @@ class PlanogramIssueOut(BaseModel):
 
 # %% ../../nbs/54_serve_schemas.ipynb #2a763143
 class PriceIssueOut(BaseModel):
-    "A price tag that disagrees with the price table or the product above it, or a product without a readable tag."
-    issue: Literal['wrong_price', 'tag_of_another_product', 'missing_tag', 'unreadable_tag', 'not_in_price_table']
+    "A price tag that disagrees with the price table, its own code or the product above it, or a product without a readable tag."
+    issue: Literal['wrong_price', 'print_differs_from_code', 'tag_of_another_product', 'missing_tag', 'unreadable_tag', 'not_in_price_table']
     row: int
     sku: str | None = None  # the product concerned
     tag_sku: str | None = None  # the product the tag names (tag_of_another_product)
     source: Literal['code', 'printed'] | None = None  # where the wrong price was read
     tag_price: str | None = None
     table_price: str | None = None
+    printed_price: str | None = None  # print_differs_from_code: the price printed (read by OCR)
+    code_price: str | None = None  # print_differs_from_code: the price its code carries
     tag_box: list[float] | None = None  # the tag, in pixels
     box: list[float] | None = None  # the run without a tag (missing_tag)
 
