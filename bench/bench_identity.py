@@ -109,7 +109,7 @@ def main():
     pred = Predictor.from_bundle(bundle, workspace=ws)
     val = {n: train[n][3::4] for n in groups["seen"] if len(train.get(n, [])) > 3}  # the training run's validation crops
     soft = [i.score for n, cs in val.items() for i in identify(pred, cs) if i.sku == n]
-    clf_min = float(np.percentile(soft, 5))
+    clf_min = float(np.percentile(soft, 5)) if soft else 0.0
     by_sku = {s.name: s for s in catalogue}
     result = {'catalogue': {k: len(v) for k, v in groups.items()}, 'arch': args.arch, 'image_size': SIZE,
               'crops': {'train_seen': sum(len(train.get(n, [])) for n in groups['seen']),

@@ -16,9 +16,9 @@ model's answer and its pooled embedding. Each resample then only draws index set
   graded              : milder severities at n = 200; `smallest_caught` names, per shift and detector family, the
                         mildest severity it catches in >= 90 % of draws
 
-Usage (full size, ~20 min on 2 cores; hold the CPU lock where others time things):
+Usage (full size, ~11 min on 2 cores; hold the CPU lock where others time things):
   flock /tmp/cpu.lock python bench/bench_monitor.py [DATASET] --out bench/results/monitor.json
-Quick check that it runs (a minute or two):
+Quick check that it runs (about 3 minutes, mostly measuring the photos):
   python bench/bench_monitor.py --sizes 50 --resamples 20 --power-resamples 10 --graded-pool 300 --epochs 3 --out /tmp/monitor.json
 """
 from __future__ import annotations

@@ -16,8 +16,8 @@ from PIL import Image
 from ..core import DataError
 
 # %% auto #0
-__all__ = ['KINDS', 'SAME_LOOK', 'Box', 'boxes_from_detections', 'boxes_from_scene', 'ShelfRow', 'shelf_rows', 'Run',
-           'sku_widths', 'appearance', 'look_distance', 'runs_of_row', 'out_of_stock']
+__all__ = ['KINDS', 'SAME_LOOK', 'MISSED_SPAN', 'Box', 'boxes_from_detections', 'boxes_from_scene', 'ShelfRow', 'shelf_rows',
+           'Run', 'sku_widths', 'appearance', 'look_distance', 'runs_of_row', 'out_of_stock']
 
 # %% ../../nbs/70c_apps_shelf_rows.ipynb #12c548b1
 KINDS = ('product', 'gap', 'price_tag')
@@ -146,18 +146,6 @@ def _facing_width(items: Sequence[Box], i: int) -> float:
     if not prods: return items[i].height * 0.5  # a row of gaps: assume facings half as wide as tall
     return min(prods, key=lambda b: abs(b.cx - items[i].cx)).width
 
-# %% ../../nbs/70c_apps_shelf_rows.ipynb #21c7b274
-def _gaps_in(items: list[Box], empty_spans: bool, min_span: float) -> list[Box]:
-    "`items` with a gap box added in every empty stretch wider than `min_span` facings (when `empty_spans`)."
-    if not empty_spans: return items
-    out = []
-    for a, b in zip(items, items[1:] + [None]):
-        out.append(a)
-        if b is None: continue
-        w = _facing_width(items, items.index(a))
-        if b.x0 - a.x1 > min_span * w: out.append(Box(a.x1, min(a.y0, b.y0), b.x0, max(a.y1, b.y1), 'gap'))
-    return out
-
 # %% ../../nbs/70c_apps_shelf_rows.ipynb #cb6a1d9f
 def appearance(photo: Image.Image,  # the shelf photo, RGB
                box: Box,  # a box on it
@@ -175,6 +163,7 @@ def appearance(photo: Image.Image,  # the shelf photo, RGB
 
 # %% ../../nbs/70c_apps_shelf_rows.ipynb #1b5657d6
 SAME_LOOK = 0.4  # the most two facings of one product differ by (tuned on the training seed's shelves)
+MISSED_SPAN = 0.6  # an empty stretch wider than this x a facing may hide a facing the detector missed
 
 def look_distance(a: np.ndarray,  # an `appearance`
                   b: np.ndarray,  # another
@@ -189,6 +178,30 @@ def _alike(photo: Image.Image | None, run: Run | None, b: Box, max_look: float) 
     if photo is None or b.kind != 'product' or b.sku is not None or not prods: return False
     return look_distance(appearance(photo, b), appearance(photo, prods[-1])) <= max_look
 
+# %% ../../nbs/70c_apps_shelf_rows.ipynb #21c7b274
+def _missed(span: Box, a: Box, b: Box, photo: Image.Image | None, max_look: float) -> list[Box]:
+    "Facings of neighbour `a` or `b` that the empty `span` between them looks like (products a detector missed), else none."
+    for n in (a, b):
+        if photo is None or n.kind != 'product': continue
+        k = max(1, round(span.width / n.width))
+        if look_distance(appearance(photo, Box(span.x0, n.y0, span.x1, n.y1, 'product')), appearance(photo, n)) <= max_look:
+            return [Box(span.x0 + q * span.width / k, n.y0, span.x0 + (q + 1) * span.width / k, n.y1, 'product', n.sku, 0.0) for q in range(k)]
+    return []
+
+def _gaps_in(items: list[Box], empty_spans: bool, min_span: float, photo: Image.Image | None = None, max_look: float = SAME_LOOK) -> list[Box]:
+    "`items` with empty stretches filled: a neighbour's facings where one looks like it (given the photo), else a gap wider than `min_span` facings (when `empty_spans`)."
+    if not empty_spans and photo is None: return items
+    out = []
+    for a, b in zip(items, items[1:] + [None]):
+        out.append(a)
+        if b is None: continue
+        w = _facing_width(items, items.index(a))
+        span = Box(a.x1, min(a.y0, b.y0), b.x0, max(a.y1, b.y1), 'gap') if b.x0 - a.x1 > MISSED_SPAN * w else None
+        found = _missed(span, a, b, photo, max_look) if span is not None else []
+        if found: out += found
+        elif empty_spans and b.x0 - a.x1 > min_span * w: out.append(span)
+    return out
+
 # %% ../../nbs/70c_apps_shelf_rows.ipynb #62440493
 def runs_of_row(row: ShelfRow,  # one shelf row
                 widths: dict[str, float] | None = None,  # one facing's width per SKU (`sku_widths` of the image)
@@ -198,7 +211,7 @@ def runs_of_row(row: ShelfRow,  # one shelf row
                 max_look: float = SAME_LOOK,  # the most `look_distance` of two facings of one product
                ) -> list[Run]:
     "The row's runs, left to right: products with their facings, gaps with the facings they stand for."
-    items = _gaps_in(list(row.items), empty_spans, min_span)
+    items = _gaps_in(list(row.items), empty_spans, min_span, photo, max_look)
     runs: list[Run] = []
     for i, b in enumerate(items):
         last, nxt = (runs[-1] if runs else None), (items[i + 1] if i + 1 < len(items) else None)
