@@ -14,7 +14,7 @@ about the held-out products or shelves chooses them.
 
 Writes bench/results/identity.json.
 
-    flock /tmp/cpu.lock python bench/bench_identity.py [--train-shelves 200] [--eval-shelves 100] [--epochs 25]
+    flock /tmp/cpu.lock python bench/bench_identity.py [--train-shelves 600] [--eval-shelves 300] [--epochs 40]
 """
 import argparse, json, os, platform, sys, tempfile, time
 from pathlib import Path
@@ -31,11 +31,12 @@ from retail_cv.data.synth import generate_shelves, make_catalogue, render_sku  #
 
 SYNTH = {'width': 480, 'height': 360, 'skus': 24, 'shelves': (2, 3), 'occlusion_prob': 0.0, 'color_cast': 0.03, 'vignette': 0.15}
 SIZE = 32
+PER_SHELF = 2  # crops of one product taken from one shelf photo (distinct facings, at random)
 SPLIT = {'seen': 12, 'new': 6, 'unregistered': 6}
 
 
 def crops_of(out: Path, seed: int, shelves: int) -> dict[str, list[np.ndarray]]:
-    "One crop per product per shelf (a random facing), SIZE px, by product name, from `shelves` rendered shelves."
+    "Up to PER_SHELF crops per product per shelf (random facings), SIZE px, by product name, from `shelves` rendered shelves."
     s = generate_shelves(out, SYNTH, images=shelves, seed=seed)
     ds = read_coco(s.files['annotations'])
     names, by_image, got = ds.category_names, ds.annotations_by_image(), {}
@@ -46,8 +47,9 @@ def crops_of(out: Path, seed: int, shelves: int) -> dict[str, list[np.ndarray]]:
             if names[a.category_id] not in ('gap', 'price_tag') and min(a.bbox[2:]) >= 8: per.setdefault(names[a.category_id], []).append(a)
         rng = np.random.default_rng(seed * 100_000 + im.id)
         for name, anns in sorted(per.items()):
-            x, y, w, h = anns[int(rng.integers(len(anns)))].bbox
-            got.setdefault(name, []).append(np.asarray(pic.crop((int(x), int(y), int(x + w), int(y + h))).resize((SIZE, SIZE), Image.BILINEAR)))
+            for k in rng.permutation(len(anns))[:PER_SHELF]:
+                x, y, w, h = anns[int(k)].bbox
+                got.setdefault(name, []).append(np.asarray(pic.crop((int(x), int(y), int(x + w), int(y + h))).resize((SIZE, SIZE), Image.BILINEAR)))
     return got
 
 
@@ -89,9 +91,9 @@ def rate(xs) -> float | None: return round(float(np.mean(xs)), 4) if len(xs) els
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('--train-shelves', type=int, default=200)
-    ap.add_argument('--eval-shelves', type=int, default=100)
-    ap.add_argument('--epochs', type=int, default=25)
+    ap.add_argument('--train-shelves', type=int, default=600)
+    ap.add_argument('--eval-shelves', type=int, default=300)
+    ap.add_argument('--epochs', type=int, default=40)
     ap.add_argument('--arch', default='tiny_cnn')
     ap.add_argument('--out', default=str(ROOT/'bench'/'results'/'identity.json'))
     args = ap.parse_args()
@@ -146,7 +148,7 @@ def main():
         result['gallery'][kind] = r
     result['seconds'] = {'render': round(t_render, 1), 'train_and_export': round(t_train, 1), 'total': round(time.perf_counter() - t0, 1)}
     result['machine'] = {'cpus': os.cpu_count(), 'python': platform.python_version(), **git_state(ROOT)}
-    result['setup'] = {'train_shelves': args.train_shelves, 'eval_shelves': args.eval_shelves, 'epochs': args.epochs, 'train_seed': 1, 'eval_seed': 2, 'catalogue_seed': 0, 'synth': {**SYNTH, 'shelves': list(SYNTH['shelves'])}}
+    result['setup'] = {'train_shelves': args.train_shelves, 'eval_shelves': args.eval_shelves, 'epochs': args.epochs, 'crops_per_product_per_shelf': PER_SHELF, 'train_seed': 1, 'eval_seed': 2, 'catalogue_seed': 0, 'synth': {**SYNTH, 'shelves': list(SYNTH['shelves'])}}
     atomic_write(args.out, json.dumps(result, indent=2) + '\n')
     print(json.dumps(result, indent=2))
 

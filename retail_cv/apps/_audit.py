@@ -97,6 +97,7 @@ class ShelfAudit:
 # %% ../../nbs/70f_apps_audit.ipynb #cfc54906
 def _overlap(a: Box, b: Box) -> float: return min(a.x1, b.x1) - max(a.x0, b.x0)
 
+# %% ../../nbs/70f_apps_audit.ipynb #9fd32b81
 def name_products(boxes: Sequence[Box],  # one image's boxes, tags named by their codes
                   photo: Image.Image | None = None,  # the photo: a product takes a tag not under it only when it looks like that tag's products
                   max_look: float = SAME_LOOK,  # the most `look_distance` of two facings of one product

@@ -188,6 +188,7 @@ def _missed(span: Box, a: Box, b: Box, photo: Image.Image | None, max_look: floa
             return [Box(span.x0 + q * span.width / k, n.y0, span.x0 + (q + 1) * span.width / k, n.y1, 'product', n.sku, 0.0) for q in range(k)]
     return []
 
+# %% ../../nbs/70c_apps_shelf_rows.ipynb #36fff8b9
 def _gaps_in(items: list[Box], empty_spans: bool, min_span: float, photo: Image.Image | None = None, max_look: float = SAME_LOOK) -> list[Box]:
     "`items` with empty stretches filled: a neighbour's facings where one looks like it (given the photo), else a gap wider than `min_span` facings (when `empty_spans`)."
     if not empty_spans and photo is None: return items
@@ -202,6 +203,21 @@ def _gaps_in(items: list[Box], empty_spans: bool, min_span: float, photo: Image.
         elif empty_spans and b.x0 - a.x1 > min_span * w: out.append(span)
     return out
 
+# %% ../../nbs/70c_apps_shelf_rows.ipynb #6b6eeb3e
+def _ends(items: list[Box], photo: Image.Image | None, max_look: float, most: int = 20) -> list[Box]:
+    "`items` with the facings a detector missed at either end of the row: probed one facing at a time while they look like the end product."
+    if photo is None or not items: return items
+    out = list(items)
+    for side in (-1, 1):
+        end = out[0] if side < 0 else out[-1]
+        if end.kind != 'product': continue
+        for _ in range(most):
+            x0 = out[0].x0 - end.width if side < 0 else out[-1].x1
+            probe = Box(x0, end.y0, x0 + end.width, end.y1, 'product', end.sku, 0.0)
+            if x0 < 0 or probe.x1 > photo.width or look_distance(appearance(photo, probe), appearance(photo, end)) > max_look: break
+            out = [probe] + out if side < 0 else out + [probe]
+    return out
+
 # %% ../../nbs/70c_apps_shelf_rows.ipynb #62440493
 def runs_of_row(row: ShelfRow,  # one shelf row
                 widths: dict[str, float] | None = None,  # one facing's width per SKU (`sku_widths` of the image)
@@ -211,7 +227,7 @@ def runs_of_row(row: ShelfRow,  # one shelf row
                 max_look: float = SAME_LOOK,  # the most `look_distance` of two facings of one product
                ) -> list[Run]:
     "The row's runs, left to right: products with their facings, gaps with the facings they stand for."
-    items = _gaps_in(list(row.items), empty_spans, min_span, photo, max_look)
+    items = _gaps_in(_ends(list(row.items), photo, max_look), empty_spans, min_span, photo, max_look)
     runs: list[Run] = []
     for i, b in enumerate(items):
         last, nxt = (runs[-1] if runs else None), (items[i + 1] if i + 1 < len(items) else None)
