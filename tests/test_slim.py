@@ -138,7 +138,7 @@ def test_the_wheel_base_requires_no_training_stack(wheel):
     assert not base & HEAVY, f"the base install pulls {sorted(base & HEAVY)}"
     assert {'torch', 'torchvision', 'lightning', 'opencv-python-headless'} <= _installs(reqs, 'train')
     assert {'papermill', 'jupyterlab', 'torch'} <= _installs(reqs, 'jobs') and 'fastapi' not in _installs(reqs, 'jobs')
-    assert {'fastapi', 'uvicorn', 'prometheus-client'} == _installs(reqs, 'serve')
+    assert {'fastapi', 'uvicorn', 'prometheus-client', 'httptools', 'uvloop'} == _installs(reqs, 'serve')
     assert {'fastapi', 'uvicorn', 'psycopg2-binary'} <= _installs(reqs, 'fleet') and 'torch' not in _installs(reqs, 'fleet')
     assert {'mkdocs', 'mkdocs-material'} <= _installs(reqs, 'docs')
     assert HEAVY <= _installs(reqs, 'all') and _installs(reqs, 'all') | {'pytest', 'dockerfile-parse'} <= _installs(reqs, 'dev')

@@ -25,6 +25,7 @@ from ..pipeline import Pipeline, PipelineRun, parse_pipeline, record_outputs, ru
 from ..registry import ModelVersion, Registry, split_ref
 
 if TYPE_CHECKING: from retail_cv.data.store import DatasetVersion
+else: DatasetVersion = 'retail_cv.data.store.DatasetVersion'  # the docs evaluate annotations; the store (and OpenCV) loads only when retraining runs
 
 _log = logging.getLogger(__name__)
 
