@@ -56,8 +56,9 @@ def _requires(wheel: Path) -> list[tuple[str, set[str], str | None]]:
     "(distribution, extras it asks for, extra it belongs to or None) of every requirement of the wheel."
     out = []
     for req in _requires_dist(wheel):
-        m = re.match(r'\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?[^;]*(?:;\s*extra\s*==\s*["\']([^"\']+))?', req)
-        out.append((_normal(m[1]), set(filter(None, (m[2] or '').split(','))), m[3]))
+        m = re.match(r'\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?', req)
+        extra = re.search(r';.*\bextra\s*==\s*["\']([^"\']+)', req)  # the marker may name a platform too
+        out.append((_normal(m[1]), set(filter(None, (m[2] or '').split(','))), extra[1] if extra else None))
     return out
 
 
