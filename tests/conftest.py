@@ -39,6 +39,15 @@ def run_cli(*args, env=None, timeout=300, cwd=None) -> subprocess.CompletedProce
     return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd)
 
+def wait_ready(url: str, tries: int = 300) -> None:
+    "Poll a `retail-cv serve` at `url` until `/readyz` answers 200 (a server started as a subprocess)."
+    import httpx
+    for _ in range(tries):
+        try:
+            if httpx.get(url + '/readyz').status_code == 200: return
+        except httpx.TransportError: time.sleep(0.1)
+
+
 @pytest.fixture
 def cli(tmp_path):
     "The CLI with a fresh workspace in `tmp_path`."

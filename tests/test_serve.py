@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import wait_ready
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
@@ -298,10 +299,7 @@ def test_retail_cv_serve_command_serves_with_tokens(env, tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f'http://127.0.0.1:{port}'
-        for _ in range(300):
-            try:
-                if httpx.get(url + '/readyz').status_code == 200: break
-            except httpx.TransportError: time.sleep(0.1)
+        wait_ready(url)
         r = httpx.post(url + '/v1/predict', content=env['photos'][0], headers={**_auth(env), 'Content-Type': 'image/jpeg'})
         assert r.status_code == 200 and r.json()['model']['version'] == '2', r.text
         _close(r.json()['classification'], env['expected']['2'][0])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import wait_ready
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from PIL import Image
 
@@ -262,10 +263,7 @@ def test_retail_cv_serve_with_planogram_and_prices(env, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f'http://127.0.0.1:{port}'
-        for _ in range(300):
-            try:
-                if httpx.get(url + '/readyz').status_code == 200: break
-            except httpx.TransportError: time.sleep(0.1)
+        wait_ready(url)
         r = httpx.post(url + '/v1/shelf/audit', content=env['photos'][1], headers={**_auth(env), 'Content-Type': 'image/jpeg'}, timeout=120)
         assert r.status_code == 200, r.text
         assert {k: v for k, v in r.json().items() if k not in ('audit_id', 'model')} == json.loads(json.dumps(_expected_audit(env, env['photos'][1])))
