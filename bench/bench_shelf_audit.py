@@ -39,6 +39,7 @@ from retail_cv.data.store import DatasetStore  # noqa: E402
 from retail_cv.data.synth import generate_shelves, shelf_kinds  # noqa: E402
 from retail_cv.demo import DemoConfig, changed_prices, demo_pipeline, score_audits, shelf_truth, truth_prices  # noqa: E402
 from retail_cv.demo._audit import _iou, _xyxy  # noqa: E402
+from retail_cv.apps._planogram import _merged  # noqa: E402  (the grouping the planogram check aligns: one home)
 
 TARGETS = {'out_of_stock_precision': 0.9, 'out_of_stock_recall': 0.9, 'planogram_f1': 0.85,
            'wrong_price_precision': 0.95, 'wrong_price_recall': 0.9}
@@ -85,15 +86,6 @@ def _render(ws: Workspace, seed: int, n: int, framing: dict, tmp: Path):
     v = DatasetStore(ws).ingest(shelf_kinds(load_dataset(out)), f'bench-heldout-{seed}', progress=False)
     shutil.rmtree(out)
     return v
-
-
-def _merged(shelf: list[Slot]) -> list[Slot]:
-    "Neighbouring slots of one product as one (what the planogram check aligns)."
-    out: list[Slot] = []
-    for s in shelf:
-        if out and out[-1].sku == s.sku: out[-1] = Slot(sku=s.sku, facings=out[-1].facings + s.facings)
-        else: out.append(s)
-    return out
 
 
 def _present(anns, names) -> dict[tuple[int, int], int]:
