@@ -262,15 +262,25 @@ def _watch_lane(root: Path, kit, kills: _Kills, errors: list) -> None:
     except BaseException as e: errors.append(e)
 
 
+RESUMED = re.compile(r'download of [0-9a-f]{12} resumes at byte [1-9]')
+
+
+def _resumed(root: Path) -> bool:
+    "Some device under `root` resumed a download a kill had cut (the log line of its next start)."
+    return any(RESUMED.search(p.read_text()) for p in root.rglob('agent.log'))
+
+
 def _server_lane(root: Path, kit, url: str, token: str, kills: _Kills, errors: list) -> None:
     "Devices that download the released bundle from the fleet server, killed while downloading; a new device when one is done."
     try:
         n = 0
-        while kills.need(('download',)) and kills.attempts < 400:
+        while (kills.need(('download',)) or not _resumed(root)) and kills.attempts < 400:
             dev = _device(root/f'dev-{n}', kit); n += 1
             cmd = [CLI, 'agent', '--device', str(dev), '--server', url, '--enrol-token', token, '--interval', '0.02', '--grace', '0']
-            while kills.need(('download',)) and not (dev/'current').exists():
-                got = _kill_in(cmd, dev/'agent.log', 'download', random.uniform(0, kills.delay['download']))
+            while (kills.need(('download',)) or not _resumed(root)) and not (dev/'current').exists():
+                # until a cut download has resumed, kill late in the window, after bytes have landed
+                low = kills.delay['download']/2 if not _resumed(root) else 0
+                got = _kill_in(cmd, dev/'agent.log', 'download', random.uniform(low, kills.delay['download']))
                 kills.record('download', got)
                 if (dev/'current').exists(): assert _check_current(dev, kit['keys']) == '1'
     except BaseException as e: errors.append(e)
@@ -307,7 +317,7 @@ def _sigkill_in_every_phase(tmp_path: Path, kit, fleet, want: int) -> None:
     assert all(n >= want for n in kills.count.values()), (kills.count, kills.attempts)
     logs = ''.join(p.read_text() for p in tmp_path.rglob('agent.log'))
     assert 'discarded half-staged' in logs  # a kill during staging left a staging folder; recovery removed it
-    assert re.search(r'download of [0-9a-f]{12} resumes at byte [1-9]', logs)  # a download cut by a kill resumed
+    assert RESUMED.search(logs)  # a download cut by a kill resumed
     print(kills.count, kills.attempts)
 
 
