@@ -47,6 +47,7 @@ class _Arch:
     head: tuple[str, ...]  # state_dict prefixes of the class-count-dependent layers
     image_size: int = 224  # default input side
     fixed_size: bool = False  # the architecture only takes `image_size`
+    any_size: bool = False  # fully convolutional and never resizes inside: trains on tiles, infers on whole images
     mean: tuple[float, float, float] = _IMAGENET_MEAN
     std: tuple[float, float, float] = _IMAGENET_STD
 
@@ -112,6 +113,54 @@ def _retinanet(spec) -> nn.Module:
     return tvdet.RetinaNet(_mobile_fpn(), spec.num_classes + 1, min_size=spec.image_size, max_size=spec.image_size,
                            anchor_generator=anchors, detections_per_img=spec.max_detections, **_IDENTITY)
 
+# %% ../nbs/03_models.ipynb #bc326949
+class _ResBlock(nn.Module):
+    "Two 3x3 convolutions with BatchNorm and an identity shortcut."
+    def __init__(self, channels: int):
+        super().__init__()
+        c = channels
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+    def forward(self, x): return torch.relu(x + self.body(x))
+
+# %% ../nbs/03_models.ipynb #3120a68c
+def _down(cin: int, cout: int) -> nn.Sequential:
+    "A stride-2 3x3 convolution with BatchNorm and ReLU."
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+# %% ../nbs/03_models.ipynb #7c2be3dd
+class _TinyResFPN(nn.Module):
+    "A small residual backbone with an FPN: feature maps at strides 8, 16 and 32, `out_channels` each."
+    def __init__(self, width: int = 32,  # channels at stride 4; doubled at each further stride
+                 out_channels: int = 64,  # channels of every FPN level
+                ):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(_down(3, w // 2), _down(w // 2, w), _ResBlock(w))
+        self.stages = nn.ModuleList([nn.Sequential(_down(w * 2 ** k, w * 2 ** (k + 1)), _ResBlock(w * 2 ** (k + 1))) for k in range(3)])
+        self.fpn = torchvision.ops.FeaturePyramidNetwork([w * 2, w * 4, w * 8], out_channels)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats, x = {}, self.stem(x)
+        for k, stage in enumerate(self.stages): x = feats[str(k)] = stage(x)
+        return self.fpn(feats)
+
+# %% ../nbs/03_models.ipynb #c6a16709
+class _NoResize(tvdet.transform.GeneralizedRCNNTransform):
+    "torchvision's detection transform without its resize: images and boxes pass at the size they come."
+    def resize(self, image: torch.Tensor, target: dict[str, torch.Tensor] | None = None):
+        return image, target
+
+# %% ../nbs/03_models.ipynb #e127e134
+def _fcos_tiny(spec) -> nn.Module:
+    m = tvdet.FCOS(_TinyResFPN(), spec.num_classes + 1, min_size=spec.image_size, max_size=spec.image_size,
+                   anchor_generator=AnchorGenerator(((8,), (16,), (32,)), ((1.0,),) * 3),
+                   detections_per_img=spec.max_detections, topk_candidates=1000, score_thresh=0.05, **_IDENTITY)
+    m.head = tvdet.fcos.FCOSHead(m.backbone.out_channels, 1, spec.num_classes + 1, num_convs=2)
+    m.transform = _NoResize(spec.image_size, spec.image_size, _IDENTITY['image_mean'], _IDENTITY['image_std'])
+    return m
+
 # %% ../nbs/03_models.ipynb #da7ef591
 _ARCHS.update({
     'ssdlite320_mobilenet_v3_large': _Arch('detection', _ssdlite, ('head.classification_head.',), image_size=320,
@@ -119,6 +168,7 @@ _ARCHS.update({
     'fasterrcnn_mobilenet_v3_large_320_fpn': _Arch('detection', _fasterrcnn, ('roi_heads.box_predictor.',), image_size=320),
     'fcos_mobilenet_v3_large_fpn': _Arch('detection', _fcos, ('head.classification_head.cls_logits.',), image_size=320),
     'retinanet_mobilenet_v3_large_fpn': _Arch('detection', _retinanet, ('head.classification_head.cls_logits.',), image_size=320),
+    'fcos_tiny_fpn': _Arch('detection', _fcos_tiny, ('head.classification_head.cls_logits.',), image_size=640, any_size=True),
 })
 
 # %% ../nbs/03_models.ipynb #541b027d
@@ -171,6 +221,11 @@ class ModelSpec(StrictModel):
         if self.task == 'classification' and self.num_classes < 2: raise ValueError("a classifier needs num_classes >= 2")
         if min(self.std) <= 0: raise ValueError(f"std must be positive, got {self.std}")
         return self
+
+    @property
+    def any_size(self) -> bool:
+        "The architecture takes inputs of any size without resizing them (it can train on tiles)."
+        return _ARCHS[self.arch].any_size
 
     @property
     def preprocessing(self) -> dict[str, Any]:

@@ -301,6 +301,25 @@ def test_detector_trains_and_reports_coco_map(tmp_path):
     assert boxes.shape == (1, 100, 4) and int(labels.max()) <= 6
 
 
+def test_tiled_detector_trains_on_tiles_and_detects_whole_images(tmp_path):
+    "The shelf recipe's model and pipeline: 160 px tiles in training, whole 640 px images in validation and export."
+    ws = Workspace.open(tmp_path/'ws')
+    generate_shelves(tmp_path/'shelves', images=4, width=640, height=480, shelves=(2, 3), skus=4, seed=0, val_fraction=0.5, labels='kinds')
+
+    class Sizes(Callback):  # the sizes the model is fed, per stage
+        def __init__(self): self.seen = {'train': set(), 'val': set()}
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx): self.seen['train'] |= {tuple(x.shape) for x in batch[0]}
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0): self.seen['val'] |= {tuple(x.shape) for x in batch[0]}
+    sizes = Sizes()
+    cfg = TrainConfig(arch='fcos_tiny_fpn', max_steps=2, batch_size=2, wandb_mode='disabled', bn_recalibration=0,
+                      pipeline={'tile_size': 160, 'tile_zoom': (0.8, 1.2)})
+    r = fit(cfg, tmp_path/'shelves', ws, callbacks=[sizes])
+    assert sizes.seen == {'train': {(3, 160, 160)}, 'val': {(3, 640, 640)}}
+    det = load_checkpoint(r.last_checkpoint)
+    with torch.no_grad(): boxes, scores, labels, _ = det.exportable()(det.exportable().example_input(1))
+    assert det.spec.image_size == 640 and boxes.shape == (1, 100, 4) and float(boxes.max()) <= 640
+
+
 def test_ddp_on_two_cpu_processes(ws, tmp_path):
     script = _script(tmp_path, f"""
         import json, os, sys

@@ -106,6 +106,8 @@ class TrainConfig(StrictModel):
             raise ValueError("class_weights and label_smoothing apply to classification only")
         if self.schedule_clock == 'time' and not self.max_minutes:
             raise ValueError("schedule_clock='time' needs max_minutes: the schedule runs on the share of that budget used")
+        if self.pipeline.get('tile_size') is not None and not ModelSpec(arch=self.arch, num_classes=2).any_size:
+            raise ValueError(f"pipeline.tile_size needs an architecture that takes any input size; {self.arch} resizes its input inside")
         return self
 
 # %% ../../nbs/30a_train_config.ipynb #b3a0d6cc

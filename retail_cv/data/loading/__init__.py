@@ -11,10 +11,10 @@ __all__ = []
 from ._config import IMAGENET_MEAN, IMAGENET_STD, LabelMap, PipelineConfig, split_indices
 from ._decode import decode_image_bytes, map_boxes, resize_image, unmap_boxes
 from ._cache import DecodedImageCache, DiskReader, ImageDecoder, default_cache_key
-from ._batches import BatchAugment, ClassificationItems, DetectionItems, detection_collate, image_collate
+from ._batches import BatchAugment, ClassificationItems, DetectionItems, DetectionTiles, detection_collate, image_collate
 from ._datamodules import ClassificationDataModule, DetectionDataModule, image_labels
 
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'PipelineConfig', 'LabelMap', 'split_indices', 'decode_image_bytes',
            'resize_image', 'map_boxes', 'unmap_boxes', 'DiskReader', 'default_cache_key', 'DecodedImageCache',
-           'ImageDecoder', 'ClassificationItems', 'DetectionItems', 'detection_collate', 'image_collate', 'BatchAugment',
+           'ImageDecoder', 'ClassificationItems', 'DetectionItems', 'DetectionTiles', 'detection_collate', 'image_collate', 'BatchAugment',
            'ClassificationDataModule', 'DetectionDataModule', 'image_labels']

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -19,7 +20,7 @@ from ._config import IMAGENET_MEAN, IMAGENET_STD
 from ._decode import map_boxes
 
 # %% auto #0
-__all__ = ['ClassificationItems', 'DetectionItems', 'detection_collate', 'image_collate', 'BatchAugment']
+__all__ = ['ClassificationItems', 'DetectionItems', 'DetectionTiles', 'detection_collate', 'image_collate', 'BatchAugment']
 
 # %% ../../../nbs/19_loading_batches.ipynb #4365da49
 class ClassificationItems(torch.utils.data.Dataset):
@@ -65,6 +66,33 @@ class DetectionItems(torch.utils.data.Dataset):
                   'labels': torch.from_numpy(self.labels[lo:hi].copy()), 'image_id': int(self.image_ids[i])}
         img, target = self.transform(tv_tensors.Image(img), target)
         return img.as_subclass(torch.Tensor), {**target, 'boxes': target['boxes'].as_subclass(torch.Tensor)}
+
+# %% ../../../nbs/19_loading_batches.ipynb #0bb25d9f
+class DetectionTiles:
+    "Per-sample transform: a random square tile of a detection image at a random zoom, with the boxes still mostly in it."
+    def __init__(self, size: int,  # side of the tiles, pixels
+                 zoom: tuple[float, float] = (1.0, 1.0),  # zoom range: 0.5 shows objects at half their size
+                 min_visible: float = 0.5,  # share of a box's area that must stay in the tile for the box to stay
+                ):
+        self.size, self.zoom, self.min_visible = size, zoom, min_visible
+
+    def __repr__(self) -> str: return f"DetectionTiles(size={self.size}, zoom={self.zoom}, min_visible={self.min_visible})"
+
+    def __call__(self, image: torch.Tensor, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        H, W = image.shape[-2:]
+        zoom = float(torch.empty(()).uniform_(*self.zoom))
+        side = max(1, min(round(self.size / zoom), H, W))
+        y0, x0 = int(torch.randint(0, H - side + 1, ())), int(torch.randint(0, W - side + 1, ()))
+        crop = image.as_subclass(torch.Tensor)[..., y0:y0 + side, x0:x0 + side].float()[None]
+        tile = F.interpolate(crop, size=(self.size, self.size), mode='bilinear', align_corners=False, antialias=side > self.size)
+        b = target['boxes'].as_subclass(torch.Tensor) - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
+        area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+        c = b.clamp(0, side)
+        seen = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
+        keep = (seen > 0) & (seen >= self.min_visible * area)
+        boxes = tv_tensors.BoundingBoxes(c[keep] * (self.size / side), format='XYXY', canvas_size=(self.size, self.size))
+        out = tv_tensors.Image(tile[0].round().clamp(0, 255).to(torch.uint8))
+        return out, {**target, 'boxes': boxes, 'labels': target['labels'][keep]}
 
 # %% ../../../nbs/19_loading_batches.ipynb #6756ad40
 def detection_collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:

@@ -49,6 +49,8 @@ class PipelineConfig(StrictModel):
     saturation: float = Field(0.2, ge=0, lt=1, description="saturation factor drawn from [1-s, 1+s]")
     crop_scale: tuple[float, float] | None = Field(None, description="classification training: random crops covering this share range of the image area, resized to image_size; None: whole images")
     cache_scale: float = Field(1.0, ge=1, le=4, description="classification: cache images this many times larger than image_size, so random crops keep their detail; evaluation resizes to image_size")
+    tile_size: int | None = Field(None, ge=16, description="detection training: random square tiles of this side cut from the image at image_size, so small objects keep their pixels (evaluation sees whole images; needs an architecture that takes any size); None: whole images")
+    tile_zoom: tuple[float, float] = Field((1.0, 1.0), description="detection tiles: zoom drawn from this range (0.6-1.5: objects at 60-150 % of their size)")
     normalize: bool | None = Field(None, description="subtract mean / divide by std; None: True for classification, False for detection")
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="per-channel mean of [0, 1] pixels")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="per-channel std of [0, 1] pixels")
@@ -68,6 +70,8 @@ class PipelineConfig(StrictModel):
         if self.val_fraction + self.test_fraction >= 1: raise ValueError('val_fraction + test_fraction must leave images for training')
         if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f'crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}')
+        if not 0 < self.tile_zoom[0] <= self.tile_zoom[1] <= 4:
+            raise ValueError(f'tile_zoom must be (low, high) with 0 < low <= high <= 4, got {self.tile_zoom}')
         return self
 
     @property

@@ -19,7 +19,8 @@ from torchvision.transforms import v2
 
 from ...core import ConfigError, DataError, Workspace, parse_model
 from ..formats import Dataset
-from ._batches import BatchAugment, ClassificationItems, DetectionItems, detection_collate, image_collate
+from ._batches import (BatchAugment, ClassificationItems, DetectionItems, DetectionTiles, detection_collate,
+                                             image_collate)
 from ._cache import DecodedImageCache, DiskReader, ImageDecoder, default_cache_key
 from ._config import LabelMap, PipelineConfig, split_indices
 from ...preprocess import ResizeMode
@@ -41,6 +42,7 @@ def _sizing(config: PipelineConfig,  # the pipeline settings
     "Training and evaluation transforms: the sizing `config` asks for, then the caller's."
     c = config
     crop = v2.RandomResizedCrop(c.size_hw, scale=c.crop_scale, antialias=True) if c.crop_scale is not None else None
+    crop = DetectionTiles(c.tile_size, c.tile_zoom) if c.tile_size is not None else crop
     fit_size = v2.Resize(c.size_hw, antialias=True) if c.cache_hw != c.size_hw else None
     return _chain(crop or fit_size, train_transforms), _chain(fit_size, eval_transforms)
 
@@ -118,7 +120,9 @@ class _ImageDataModule(_ImageSourceMixin, _LoaderMixin, L.LightningDataModule):
         self.dataset, self.read_bytes, self.cache_dir = dataset, read_bytes, cache_dir
         self._cache_key = cache_key
         if self.task != 'classification' and (c.crop_scale is not None or c.cache_scale != 1):
-            raise ConfigError(f"crop_scale and cache_scale apply to classification; {self.task} crops must move the boxes too (pass train_transforms)")
+            raise ConfigError(f"crop_scale and cache_scale apply to classification; {self.task} uses tile_size and tile_zoom")
+        if self.task != 'detection' and c.tile_size is not None:
+            raise ConfigError(f"tile_size applies to detection; {self.task} uses crop_scale and cache_scale")
         self.train_transforms, self.eval_transforms = _sizing(c, train_transforms, eval_transforms)
         self.resize_mode: ResizeMode = c.resize or self.default_resize
         self.labels = LabelMap.from_categories(dataset.categories, background=self.task == 'detection')

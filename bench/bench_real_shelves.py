@@ -1,0 +1,168 @@
+"""Price-tag detection on real shelf photos, 5-fold by original photo; writes bench/results/real_shelves.json.
+
+The photos: `../shared/data/shelves-pricetags` (60 = 3 augmented copies x 20 real photos, every price tag boxed,
+CC BY 4.0). Fold k holds out every 5th original photo (shuffled with seed 0), with all its copies; the rest trains. No
+validation split: the runs train for a fixed time and the last checkpoint is evaluated on the held-out photos (COCO
+AP@.5 of the one class, pycocotools through `retail_cv.evaluate`). Each (variant, fold) result is written as soon as it
+exists, so a cut run resumes where it stopped; `--force` re-measures.
+
+Variants (`VARIANTS`, in the order of the table; each adds one ingredient): the old default detector; the small
+detector at full resolution; + training on tiles (the shipped recipe); the tiles recipe on synthetic shelves only;
+synthetic pre-training, then the recipe on the real photos. Each is a TrainConfig (a recipe file or defined below)
+trained through `retail_cv.train.fit` on a dataset version in a fresh workspace, with `max_minutes` as the budget
+(CPU-minutes on this machine: run it alone); synthetic pre-training time counts in the budget of every fold it serves.
+
+    python bench/bench_real_shelves.py                                  # every variant, every fold
+    python bench/bench_real_shelves.py --variants tiles-5min --folds 0  # one cell of the table
+"""
+import argparse, dataclasses, json, os, platform, re, shutil, statistics, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from retail_cv.core import Workspace, atomic_write, read_yaml  # noqa: E402
+from retail_cv.data.formats import load_dataset  # noqa: E402
+from retail_cv.data.loading._config import ROBOFLOW_COPIES  # noqa: E402
+from retail_cv.data.store import DatasetStore  # noqa: E402
+
+SHELVES = ROOT.parent/'shared'/'data'/'shelves-pricetags'
+OUT = ROOT/'bench'/'results'/'real_shelves.json'
+FOLDS = 5
+
+# What each variant adds, in the order of the table. A recipe file is the whole config; the others are defined here.
+VARIANTS = {
+    'default-5min': ('`retail-cv train detect` as it was (SSDlite at 320 px, whole photos)',
+                     dict(task='detection', max_minutes=5)),
+    'tiny-full-5min': ('fcos_tiny_fpn at 640 px on whole photos',
+                       dict(arch='fcos_tiny_fpn', batch_size=8, lr=2e-3, scheduler='cosine', warmup_fraction=0.05, grad_clip=10, max_minutes=5)),
+    'tiles-5min': ('+ 320 px tiles at zoom 0.6-1.5', 'recipes/shelf-tags-fcos_tiny-5min.yaml'),
+    'synthetic-only-5min': ('the tiles recipe on synthetic shelves only (no real photo)', 'recipes/shelf-tags-fcos_tiny-5min.yaml'),
+    'synthetic-then-real-10min': ('5 min on synthetic shelves, then the tiles recipe on the real photos',
+                                  'recipes/shelf-tags-fcos_tiny-5min.yaml'),
+}
+# Synthetic shelves for the two synthetic variants: square like the real photos, QR tags of real tag size (25-50 px),
+# price tags as the only class. Rendered and trained once (the same model for every fold), its time counted per fold.
+SYNTH = dict(images=400, width=640, height=640, labels='kinds', symbology='qr', qr_module_px=(1.2, 1.8), shelves=(3, 5), seed=11)
+COMMON = dict(task='detection', schedule_clock='time', epochs=100_000, sample_predictions=0, wandb_mode='disabled',
+              progress_bar=False)
+
+
+def _config(variant: str) -> dict:
+    "The TrainConfig values of a variant."
+    spec = VARIANTS[variant][1]
+    cfg = read_yaml(ROOT/spec, 'recipe') if isinstance(spec, str) else dict(spec)
+    return {**COMMON, **cfg}
+
+
+def _photos(tmp: Path):
+    "The shared photos as a YOLO dataset (copied: ingest refuses symlinks out of the root), and each image's original photo."
+    src = tmp/'pricetags'
+    for d in ('images', 'labels'): shutil.copytree(SHELVES/d, src/d, dirs_exist_ok=True)
+    (src/'classes.txt').write_text('price_tag\n')
+    ds = load_dataset(src, 'yolo')
+    originals = [re.match(ROBOFLOW_COPIES, Path(im.file_name).name).group(1) for im in ds.images]
+    return ds, originals
+
+
+def _fold(ds, originals, k: int):
+    "The dataset with fold k's photos (every copy of every 5th original, in a seeded order) as 'test', the rest 'train'."
+    import random
+    names = sorted(set(originals))
+    random.Random(0).shuffle(names)
+    held = set(names[k::FOLDS])
+    images = [dataclasses.replace(im, split='test' if o in held else 'train') for im, o in zip(ds.images, originals)]
+    return dataclasses.replace(ds, images=images), sorted(held)
+
+
+def _synthetic_tags(ws: Workspace, tmp: Path):
+    "The synthetic shelves (price tags only) as a dataset version, and a checkpoint of the tiles recipe trained on them."
+    from retail_cv.data.synth import generate_shelves
+    from retail_cv.train import fit
+    out = tmp/'synthetic'
+    if not out.exists(): generate_shelves(out, SYNTH)
+    ds = load_dataset(out)
+    tag = next(c.id for c in ds.categories if c.name == 'price_tag')
+    tags = dataclasses.replace(ds, categories=[c for c in ds.categories if c.id == tag],
+                               annotations=[a for a in ds.annotations if a.category_id == tag])
+    version = DatasetStore(ws).ingest(tags, 'synthetic-tags', progress=False)
+    t0 = time.perf_counter()
+    res = fit({**_config('synthetic-only-5min'), 'seed': 0}, version, ws, run_name='synthetic-tags')
+    return res.last_checkpoint, time.perf_counter() - t0
+
+
+def run_one(variant: str, k: int, ws: Workspace, ds, originals, synthetic) -> dict:
+    from retail_cv.evaluate import evaluate
+    from retail_cv.train import fit
+    fold_ds, held = _fold(ds, originals, k)
+    version = DatasetStore(ws).ingest(fold_ds, f'pricetags-fold{k}', progress=False)
+    cfg, pre_s = _config(variant), 0.0
+    if variant.startswith('synthetic'):
+        ckpt, pre_s = synthetic()
+    if variant == 'synthetic-only-5min':
+        last, train_s, res = ckpt, 0.0, None
+    else:
+        if variant == 'synthetic-then-real-10min': cfg['weights'] = str(ckpt)
+        t0 = time.perf_counter()
+        res = fit(cfg, version, ws, run_name=f'{variant}-fold{k}')
+        last, train_s = res.last_checkpoint, time.perf_counter() - t0
+    rep = evaluate(last, version, split='test', workspace=ws, write=False)
+    return {'variant': variant, 'fold': k, 'held_out_photos': held, 'test_images': rep.images,
+            'ap50': round(rep.metrics['map50'], 4), 'metrics': {k: round(v, 4) for k, v in rep.metrics.items()},
+            'train_seconds': round(train_s + pre_s, 1), 'synthetic_pretraining_seconds': round(pre_s, 1),
+            'steps': int(res.metrics.get('step', 0)) if res else 0, 'stopped_by': res.stopped_by if res else None,
+            'config': {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}}
+
+
+def _load() -> dict:
+    return json.loads(OUT.read_text()) if OUT.exists() else {}
+
+
+def _summarise(doc: dict) -> dict:
+    "Per variant: mean and median AP@.5 over the folds measured, and the gain over the previous row."
+    table, prev = [], None
+    for v, (what, _) in VARIANTS.items():
+        runs = [r for r in doc.get('runs', []) if r['variant'] == v]
+        if not runs: continue
+        aps = [r['ap50'] for r in sorted(runs, key=lambda r: r['fold'])]
+        row = {'variant': v, 'adds': what, 'folds': len(aps), 'ap50_per_fold': aps, 'mean_ap50': round(statistics.mean(aps), 4),
+               'median_ap50': round(statistics.median(aps), 4),
+               'median_train_minutes': round(statistics.median(r['train_seconds'] for r in runs) / 60, 2)}
+        if prev is not None: row['gain_over_previous'] = round(row['mean_ap50'] - prev, 4)
+        prev = row['mean_ap50']
+        table.append(row)
+    return table
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--variants', nargs='*', default=list(VARIANTS), choices=None)
+    ap.add_argument('--folds', nargs='*', type=int, default=list(range(FOLDS)))
+    ap.add_argument('--force', action='store_true', help='re-measure results that exist')
+    args = ap.parse_args(argv)
+    if not SHELVES.is_dir(): raise SystemExit(f"{SHELVES} is missing: this benchmark needs the shared real shelf photos")
+    os.environ.setdefault('WANDB_MODE', 'disabled')
+    doc = _load()
+    doc.update(machine={'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(), 'python': platform.python_version()},
+               data=str(SHELVES.relative_to(ROOT.parent)), folds=FOLDS, target_mean_ap50=0.75)
+    doc.setdefault('runs', [])
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace.open(Path(tmp)/'ws')
+        ds, originals = _photos(Path(tmp))
+        cache = {}
+        def synthetic():  # trained once per run, on first use
+            if 'ckpt' not in cache: cache['ckpt'] = _synthetic_tags(ws, Path(tmp))
+            return cache['ckpt']
+        for v in args.variants:
+            for k in args.folds:
+                have = [r for r in doc['runs'] if (r['variant'], r['fold']) == (v, k)]
+                if have and not args.force: print(f"{v} fold {k}: AP@.5 {have[0]['ap50']} (measured earlier)"); continue
+                r = run_one(v, k, ws, ds, originals, synthetic)
+                doc['runs'] = [x for x in doc['runs'] if (x['variant'], x['fold']) != (v, k)] + [r]
+                doc['table'] = _summarise(doc)
+                atomic_write(OUT, json.dumps(doc, indent=1) + '\n')
+                print(f"{v} fold {k}: AP@.5 {r['ap50']} after {r['train_seconds'] / 60:.1f} min ({r['steps']} steps)", flush=True)
+    for row in _summarise(doc): print(json.dumps(row))
+
+
+if __name__ == '__main__':
+    main()
