@@ -343,6 +343,8 @@ class Detector(_Wrapper):
         try: detections = self.model(list(images.unbind(0)))
         finally: hook.remove()
         for d in detections:
+            # FCOS and RetinaNet score every class on its own, the background index 0 too: it is no detection
+            d = {key: v[d['labels'] > 0] for key, v in d.items()}
             boxes.append(torch.cat([d['boxes'], d['boxes'].new_zeros(k, 4)])[:k])
             scores.append(torch.cat([d['scores'], d['scores'].new_zeros(k)])[:k])
             labels.append(torch.cat([d['labels'], d['labels'].new_full((k,), -1)])[:k])

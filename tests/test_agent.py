@@ -201,14 +201,19 @@ def _read_from(path: Path, offset: int) -> str:
     except FileNotFoundError: return ''
 
 
-def _kill_in(cmd: list[str], log: Path, target: str, delay: float, timeout: float = 120) -> str | None:
-    "Start an agent, SIGKILL it `delay` s after its log announces `target`; the phase its log says it died in (None: not killed)."
+def _kill_in(cmd: list[str], log: Path, target: str, delay: float, timeout: float = 15, when=None) -> str | None:
+    """Start an agent, SIGKILL it `delay` s after its log announces `target` (or, given `when`, as soon as `when()` holds
+    after that); the phase its log says it died in (None: not killed: an agent that has not reached `target` within
+    `timeout` s, where one start takes about a second, is idle, e.g. offered a version it already runs)."""
     start = log.stat().st_size if log.exists() else 0
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end, killed = time.monotonic() + timeout, False
     while p.poll() is None and time.monotonic() < end:
         if f'agent[{p.pid}] phase={target}' in _read_from(log, start):
-            time.sleep(delay); p.kill(); killed = True; break
+            if when is None: time.sleep(delay)
+            else:
+                while p.poll() is None and not when() and time.monotonic() < end: time.sleep(0.0005)
+            p.kill(); killed = True; break
         time.sleep(0.001)
     if not killed: p.kill()
     p.wait()
@@ -265,6 +270,15 @@ def _watch_lane(root: Path, kit, kills: _Kills, errors: list) -> None:
 RESUMED = re.compile(r'download of [0-9a-f]{12} resumes at byte [1-9]')
 
 
+def _partial_bytes(dev: Path) -> int:
+    "Bytes in the device's half-downloaded bundle files."
+    n = 0
+    for p in (dev/'downloads').glob('*.part'):
+        try: n += p.stat().st_size
+        except FileNotFoundError: pass  # renamed between the listing and the stat
+    return n
+
+
 def _resumed(root: Path) -> bool:
     "Some device under `root` resumed a download a kill had cut (the log line of its next start)."
     return any(RESUMED.search(p.read_text()) for p in root.rglob('agent.log'))
@@ -278,9 +292,10 @@ def _server_lane(root: Path, kit, url: str, token: str, kills: _Kills, errors: l
             dev = _device(root/f'dev-{n}', kit); n += 1
             cmd = [CLI, 'agent', '--device', str(dev), '--server', url, '--enrol-token', token, '--interval', '0.02', '--grace', '0']
             while (kills.need(('download',)) or not _resumed(root)) and not (dev/'current').exists():
-                # until a cut download has resumed, kill late in the window, after bytes have landed
-                low = kills.delay['download']/2 if not _resumed(root) else 0
-                got = _kill_in(cmd, dev/'agent.log', 'download', random.uniform(low, kills.delay['download']))
+                # until a cut download has resumed, kill once bytes have landed; then at random times in the phase
+                # (or once the whole file is there: this start came too late to cut it)
+                cut = None if _resumed(root) else (lambda: _partial_bytes(dev) > 0 or any((dev/'downloads').glob('*.tar')))
+                got = _kill_in(cmd, dev/'agent.log', 'download', random.uniform(0, kills.delay['download']), when=cut)
                 kills.record('download', got)
                 if (dev/'current').exists(): assert _check_current(dev, kit['keys']) == '1'
     except BaseException as e: errors.append(e)
