@@ -51,13 +51,17 @@ class _Arch:
     mean: tuple[float, float, float] = _IMAGENET_MEAN
     std: tuple[float, float, float] = _IMAGENET_STD
 
+# %% ../nbs/03_models.ipynb #52260eed
+def _down(cin: int, cout: int) -> nn.Sequential:
+    "A stride-2 3x3 convolution with BatchNorm and ReLU."
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
 # %% ../nbs/03_models.ipynb #d8731e26
 class _TinyCNN(nn.Module):
     "A few-thousand-parameter classifier for tests and smoke runs."
     def __init__(self, num_classes: int):
         super().__init__()
-        def block(cin, cout): return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-        self.features = nn.Sequential(block(3, 8), block(8, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(_down(3, 8), _down(8, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(16, num_classes)
     def forward(self, x): return self.head(self.features(x))
 
@@ -122,11 +126,6 @@ class _ResBlock(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
                                   nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
     def forward(self, x): return torch.relu(x + self.body(x))
-
-# %% ../nbs/03_models.ipynb #3120a68c
-def _down(cin: int, cout: int) -> nn.Sequential:
-    "A stride-2 3x3 convolution with BatchNorm and ReLU."
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 # %% ../nbs/03_models.ipynb #7c2be3dd
 class _TinyResFPN(nn.Module):

@@ -19,8 +19,8 @@ from torchvision.transforms import v2
 
 from ...core import ConfigError, DataError, Workspace, parse_model
 from ..formats import Dataset
-from ._batches import (BatchAugment, ClassificationItems, DetectionItems, DetectionTiles, detection_collate,
-                                             image_collate)
+from ._batches import (BatchAugment, ClassificationItems, DetectionItems, DetectionTiles,
+                                            detection_collate, image_collate)
 from ._cache import DecodedImageCache, DiskReader, ImageDecoder, default_cache_key
 from ._config import LabelMap, PipelineConfig, split_indices
 from ...preprocess import ResizeMode
@@ -41,8 +41,8 @@ def _sizing(config: PipelineConfig,  # the pipeline settings
            ) -> tuple[Callable | None, Callable | None]:
     "Training and evaluation transforms: the sizing `config` asks for, then the caller's."
     c = config
-    crop = v2.RandomResizedCrop(c.size_hw, scale=c.crop_scale, antialias=True) if c.crop_scale is not None else None
-    crop = DetectionTiles(c.tile_size, c.tile_zoom) if c.tile_size is not None else crop
+    crop = (DetectionTiles(c.tile_size, c.tile_zoom) if c.tile_size is not None else  # detection (boxes move with it)
+            v2.RandomResizedCrop(c.size_hw, scale=c.crop_scale, antialias=True) if c.crop_scale is not None else None)
     fit_size = v2.Resize(c.size_hw, antialias=True) if c.cache_hw != c.size_hw else None
     return _chain(crop or fit_size, train_transforms), _chain(fit_size, eval_transforms)
 
