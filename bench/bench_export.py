@@ -122,7 +122,7 @@ def main() -> None:
         # trained for a few steps from scratch gives the same score to many neighbouring anchors, and which of those
         # tied boxes NMS keeps differs between PyTorch and ONNX Runtime: the parity gate then compares rows by score
         # only and the metric delta measures tie-breaking. Recalibrated, scores are distinct and boxes are compared.
-        dspec = ModelSpec(task='detection', num_classes=len(shelves.dataset.categories))
+        dspec = ModelSpec(arch='ssdlite320_mobilenet_v3_large', num_classes=len(shelves.dataset.categories))  # the measured rows' detector
         dtrain_split = eval_split(shelves, 'train')
         x = torch.from_numpy(preprocess([dtrain_split.read(k) for k in range(len(dtrain_split))], dspec.preprocessing))
         torch.manual_seed(0)

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from retail_cv.core import atomic_write  # noqa: E402
-from retail_cv.models import DEFAULT_ARCH, ModelSpec, build_model, example_input, recalibrate_batchnorm, to_onnx, wrap  # noqa: E402
+from retail_cv.models import ModelSpec, build_model, example_input, recalibrate_batchnorm, to_onnx, wrap  # noqa: E402
 
 
 def block_ms(fn, runs: int, warmup: int) -> list[float]:
@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [bench(ModelSpec(arch='mobilenet_v3_small', num_classes=1000, image_size=224), Path(tmp), args.runs, args.warmup, args.repeats),
-                   bench(ModelSpec(arch=DEFAULT_ARCH['detection'], num_classes=10, image_size=320), Path(tmp), args.runs, args.warmup, args.repeats)]
+                   bench(ModelSpec(arch='ssdlite320_mobilenet_v3_large', num_classes=10, image_size=320), Path(tmp), args.runs, args.warmup, args.repeats)]
     out = {'benchmark': 'models', 'created': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'),
            'method': f'batch 1, fresh weights with recalibrated BatchNorm; eager block then ORT block; median of {args.runs} '
                      f'calls after {args.warmup} warm-up, least disturbed of {args.repeats} repeats',

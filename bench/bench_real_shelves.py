@@ -6,9 +6,11 @@ validation split: the runs train for a fixed time and the last checkpoint is eva
 AP@.5 of the one class, pycocotools through `retail_cv.evaluate`). Each (variant, fold) result is written as soon as it
 exists, so a cut run resumes where it stopped; `--force` re-measures.
 
-Variants (`VARIANTS`, in the order of the table; each adds one ingredient): the old default detector; the small
-detector at full resolution; + training on tiles (the shipped recipe); the tiles recipe on synthetic shelves only;
-synthetic pre-training, then the recipe on the real photos. Each is a TrainConfig (a recipe file or defined below)
+Variants (`VARIANTS`, in the order of the table; each adds one ingredient to its `BASE`): the old default detector;
+the small detector at full resolution; + training on tiles (the shipped recipe); the tiles recipe on synthetic
+shelves only, flat and then with each realism option of the generator added in turn (`REALISM`: price-first tags,
+Grocery photos as packaging, pictures on the shelf edge, camera roll); synthetic pre-training, then the recipe on
+the real photos, on flat and on the most realistic synthetic shelves. Each is a TrainConfig (a recipe file or defined below)
 trained through `retail_cv.train.fit` on a dataset version in a fresh workspace, with `max_minutes` as the budget
 (CPU-minutes on this machine: run it alone); synthetic pre-training time counts in the budget of every fold it serves.
 
@@ -32,17 +34,43 @@ FOLDS = 5
 # What each variant adds, in the order of the table. A recipe file is the whole config; the others are defined here.
 VARIANTS = {
     'default-5min': ('`retail-cv train detect` as it was (SSDlite at 320 px, whole photos)',
-                     dict(task='detection', max_minutes=5)),
+                     dict(arch='ssdlite320_mobilenet_v3_large', max_minutes=5)),
     'tiny-full-5min': ('fcos_tiny_fpn at 640 px on whole photos',
-                       dict(arch='fcos_tiny_fpn', batch_size=8, lr=2e-3, scheduler='cosine', warmup_fraction=0.05, grad_clip=10, max_minutes=5)),
+                       dict(arch='fcos_tiny_fpn', batch_size=8, lr=2e-3, scheduler='cosine', warmup_fraction=0.05, grad_clip=10, max_minutes=5,
+                            pipeline=dict(tile_size=None, tile_zoom=[1.0, 1.0], brightness=0.2, contrast=0.2))),  # not its defaults' tiles
     'tiles-5min': ('+ 320 px tiles at zoom 0.6-1.5', 'recipes/shelf-tags-fcos_tiny-5min.yaml'),
     'synthetic-only-5min': ('the tiles recipe on synthetic shelves only (no real photo)', 'recipes/shelf-tags-fcos_tiny-5min.yaml'),
+    'synthetic-only-5min+price-tags': ('+ tags printed price-first at real tag sizes (tag_style=price)', 'recipes/shelf-tags-fcos_tiny-5min.yaml'),
+    'synthetic-only-5min+faces': ('+ Grocery photos as packaging (faces)', 'recipes/shelf-tags-fcos_tiny-5min.yaml'),
+    'synthetic-only-5min+edge-clutter': ('+ product pictures on the shelf edge (edge_clutter)', 'recipes/shelf-tags-fcos_tiny-5min.yaml'),
+    'synthetic-only-5min+roll': ('+ camera roll up to 5 degrees (roll)', 'recipes/shelf-tags-fcos_tiny-5min.yaml'),
     'synthetic-then-real-10min': ('5 min on synthetic shelves, then the tiles recipe on the real photos',
                                   'recipes/shelf-tags-fcos_tiny-5min.yaml'),
+    'synthetic-then-real-10min+realism': ('the same on the most realistic synthetic shelves (every realism option)',
+                                          'recipes/shelf-tags-fcos_tiny-5min.yaml'),
 }
-# Synthetic shelves for the two synthetic variants: square like the real photos, QR tags of real tag size (25-50 px),
-# price tags as the only class. Rendered and trained once (the same model for every fold), its time counted per fold.
+# Synthetic shelves for the synthetic variants: square like the real photos, QR tags of real tag size (25-50 px),
+# price tags as the only class. Each realism level is rendered and trained once (the same model serves every fold),
+# its training time counted per fold; rendering is data preparation and not counted.
+GROCERY = ROOT.parent/'shared'/'data'/'grocery'/'train'
 SYNTH = dict(images=400, width=640, height=640, labels='kinds', symbology='qr', qr_module_px=(1.2, 1.8), shelves=(3, 5), seed=11)
+REALISM = {  # cumulative, in the order of the table: each level adds one option to the one before
+    'flat': {}, 'price-tags': dict(tag_style='price'), 'faces': dict(faces=str(GROCERY), skus=200),
+    'edge-clutter': dict(edge_clutter=0.8), 'roll': dict(roll=5.0)}
+SYNTHETIC_LEVEL = {'synthetic-only-5min': 'flat', 'synthetic-only-5min+price-tags': 'price-tags',
+                   'synthetic-only-5min+faces': 'faces', 'synthetic-only-5min+edge-clutter': 'edge-clutter',
+                   'synthetic-only-5min+roll': 'roll', 'synthetic-then-real-10min': 'flat',
+                   'synthetic-then-real-10min+realism': 'roll'}
+
+
+def _synth_options(level: str) -> dict:
+    "The generator options of a realism level: the base, and every level up to and including it."
+    names = list(REALISM)
+    out = dict(SYNTH)
+    for name in names[:names.index(level) + 1]: out.update(REALISM[name])
+    return out
+
+
 COMMON = dict(task='detection', schedule_clock='time', epochs=100_000, sample_predictions=0, wandb_mode='disabled',
               progress_bar=False)
 
@@ -74,19 +102,19 @@ def _fold(ds, originals, k: int):
     return dataclasses.replace(ds, images=images), sorted(held)
 
 
-def _synthetic_tags(ws: Workspace, tmp: Path):
-    "The synthetic shelves (price tags only) as a dataset version, and a checkpoint of the tiles recipe trained on them."
+def _synthetic_tags(ws: Workspace, tmp: Path, level: str):
+    "The synthetic shelves of a realism level (price tags only) as a dataset version, and the tiles recipe trained on them."
     from retail_cv.data.synth import generate_shelves
     from retail_cv.train import fit
-    out = tmp/'synthetic'
-    if not out.exists(): generate_shelves(out, SYNTH)
+    out = tmp/f'synthetic-{level}'
+    if not out.exists(): generate_shelves(out, _synth_options(level), workers=2)
     ds = load_dataset(out)
     tag = next(c.id for c in ds.categories if c.name == 'price_tag')
     tags = dataclasses.replace(ds, categories=[c for c in ds.categories if c.id == tag],
                                annotations=[a for a in ds.annotations if a.category_id == tag])
-    version = DatasetStore(ws).ingest(tags, 'synthetic-tags', progress=False)
+    version = DatasetStore(ws).ingest(tags, f'synthetic-tags-{level}', progress=False)
     t0 = time.perf_counter()
-    res = fit({**_config('synthetic-only-5min'), 'seed': 0}, version, ws, run_name='synthetic-tags')
+    res = fit({**_config('synthetic-only-5min'), 'seed': 0}, version, ws, run_name=f'synthetic-tags-{level}')
     return res.last_checkpoint, time.perf_counter() - t0
 
 
@@ -96,12 +124,12 @@ def run_one(variant: str, k: int, ws: Workspace, ds, originals, synthetic) -> di
     fold_ds, held = _fold(ds, originals, k)
     version = DatasetStore(ws).ingest(fold_ds, f'pricetags-fold{k}', progress=False)
     cfg, pre_s = _config(variant), 0.0
-    if variant.startswith('synthetic'):
-        ckpt, pre_s = synthetic()
-    if variant == 'synthetic-only-5min':
+    if variant in SYNTHETIC_LEVEL:
+        ckpt, pre_s = synthetic(SYNTHETIC_LEVEL[variant])
+    if variant.startswith('synthetic-only'):
         last, train_s, res = ckpt, 0.0, None
     else:
-        if variant == 'synthetic-then-real-10min': cfg['weights'] = str(ckpt)
+        if variant.startswith('synthetic-then-real'): cfg['weights'] = str(ckpt)
         t0 = time.perf_counter()
         res = fit(cfg, version, ws, run_name=f'{variant}-fold{k}')
         last, train_s = res.last_checkpoint, time.perf_counter() - t0
@@ -110,6 +138,7 @@ def run_one(variant: str, k: int, ws: Workspace, ds, originals, synthetic) -> di
             'ap50': round(rep.metrics['map50'], 4), 'metrics': {k: round(v, 4) for k, v in rep.metrics.items()},
             'train_seconds': round(train_s + pre_s, 1), 'synthetic_pretraining_seconds': round(pre_s, 1),
             'steps': int(res.metrics.get('step', 0)) if res else 0, 'stopped_by': res.stopped_by if res else None,
+            'synthetic': _synth_options(SYNTHETIC_LEVEL[variant]) if variant in SYNTHETIC_LEVEL else None,
             'config': {k: str(v) if isinstance(v, Path) else v for k, v in cfg.items()}}
 
 
@@ -117,9 +146,16 @@ def _load() -> dict:
     return json.loads(OUT.read_text()) if OUT.exists() else {}
 
 
+# What each row's gain is measured against: the variant it adds one ingredient to.
+BASE = {'tiny-full-5min': 'default-5min', 'tiles-5min': 'tiny-full-5min', 'synthetic-only-5min+price-tags': 'synthetic-only-5min',
+        'synthetic-only-5min+faces': 'synthetic-only-5min+price-tags', 'synthetic-only-5min+edge-clutter': 'synthetic-only-5min+faces',
+        'synthetic-only-5min+roll': 'synthetic-only-5min+edge-clutter', 'synthetic-then-real-10min': 'tiles-5min',
+        'synthetic-then-real-10min+realism': 'synthetic-then-real-10min'}
+
+
 def _summarise(doc: dict) -> dict:
-    "Per variant: mean and median AP@.5 over the folds measured, and the gain over the previous row."
-    table, prev = [], None
+    "Per variant: mean and median AP@.5 over the folds measured, and the gain over the variant it adds to (`BASE`)."
+    table, means = [], {}
     for v, (what, _) in VARIANTS.items():
         runs = [r for r in doc.get('runs', []) if r['variant'] == v]
         if not runs: continue
@@ -127,8 +163,8 @@ def _summarise(doc: dict) -> dict:
         row = {'variant': v, 'adds': what, 'folds': len(aps), 'ap50_per_fold': aps, 'mean_ap50': round(statistics.mean(aps), 4),
                'median_ap50': round(statistics.median(aps), 4),
                'median_train_minutes': round(statistics.median(r['train_seconds'] for r in runs) / 60, 2)}
-        if prev is not None: row['gain_over_previous'] = round(row['mean_ap50'] - prev, 4)
-        prev = row['mean_ap50']
+        if BASE.get(v) in means: row.update(gain_over=BASE[v], gain=round(row['mean_ap50'] - means[BASE[v]], 4))
+        means[v] = row['mean_ap50']
         table.append(row)
     return table
 
@@ -149,9 +185,9 @@ def main(argv=None):
         ws = Workspace.open(Path(tmp)/'ws')
         ds, originals = _photos(Path(tmp))
         cache = {}
-        def synthetic():  # trained once per run, on first use
-            if 'ckpt' not in cache: cache['ckpt'] = _synthetic_tags(ws, Path(tmp))
-            return cache['ckpt']
+        def synthetic(level: str):  # each level trained once per run, on first use
+            if level not in cache: cache[level] = _synthetic_tags(ws, Path(tmp), level)
+            return cache[level]
         for v in args.variants:
             for k in args.folds:
                 have = [r for r in doc['runs'] if (r['variant'], r['fold']) == (v, k)]

@@ -62,7 +62,7 @@ def make_bundle(kind: str, folder: Path, pics: list[Path], batch: int, key) -> P
     from retail_cv.models import ModelSpec, build_model, recalibrate_batchnorm, to_onnx, wrap
     from retail_cv.preprocess import preprocess
     torch.manual_seed(0)
-    spec = ModelSpec(arch='mobilenet_v3_small', num_classes=10) if kind == 'classification' else ModelSpec(task='detection', num_classes=3)
+    spec = ModelSpec(arch='mobilenet_v3_small', num_classes=10) if kind == 'classification' else ModelSpec(arch='ssdlite320_mobilenet_v3_large', num_classes=3)  # the measured rows' detector
     net = build_model(spec)
     x = torch.from_numpy(preprocess([str(p) for p in pics[:16]], spec.preprocessing))
     module = wrap(recalibrate_batchnorm(net, x, batch_size=4), spec)

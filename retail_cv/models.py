@@ -180,7 +180,7 @@ def architectures(task: str | None = None,  # 'classification', 'detection', or 
     return [name for name, a in _ARCHS.items() if task is None or a.task == task]
 
 # %% ../nbs/03_models.ipynb #d41aeaa6
-DEFAULT_ARCH = {'classification': 'mobilenet_v3_small', 'detection': 'ssdlite320_mobilenet_v3_large'}
+DEFAULT_ARCH = {'classification': 'mobilenet_v3_small', 'detection': 'fcos_tiny_fpn'}
 
 # %% ../nbs/03_models.ipynb #b9912784
 class ModelSpec(StrictModel):

@@ -286,7 +286,7 @@ def shelves(ws, tmp_path_factory):
 
 def test_detection_export(ws, shelves, tmp_path, monkeypatch):
     "SSDlite, BatchNorm recalibrated on the shelf photos (distinct scores): batch-1 graph, boxes and scores match, COCO mAP keys, bundle runs."
-    spec = ModelSpec(task='detection', num_classes=len(shelves.dataset.categories))
+    spec = ModelSpec(arch='ssdlite320_mobilenet_v3_large', num_classes=len(shelves.dataset.categories))
     train = eval_split(shelves, 'train')
     x = torch.from_numpy(preprocess([train.read(k) for k in range(len(train))], spec.preprocessing))
     torch.manual_seed(0)
@@ -314,7 +314,7 @@ def test_detection_export(ws, shelves, tmp_path, monkeypatch):
 def test_detection_checkpoint_with_tied_scores_never_ships_int8(ws, shelves):
     """One training step leaves SSDlite's scores tied across anchors: those rows are compared by score, and the report says so.
     Its mAP is zero, too low to measure an int8 drop from: int8 is not tried, even with every other gate open."""
-    run = fit(TrainConfig(task='detection', epochs=1, batch_size=2, max_steps=1, wandb_mode='disabled'), shelves, ws, run_name='ssd')
+    run = fit(TrainConfig(arch='ssdlite320_mobilenet_v3_large', epochs=1, batch_size=2, max_steps=1, wandb_mode='disabled'), shelves, ws, run_name='ssd')
     res = export(run.last_checkpoint, 'shelf-cam-x86', precisions=['fp32', 'int8'], workspace=ws, latency_runs=3, latency_warmup=1,
                  max_int8_drop_pts=100.0, min_speedup=1.0)
     o = res.parity.outputs

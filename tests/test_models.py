@@ -147,12 +147,12 @@ def _check_detections(ort_out, torch_out):
 @pytest.mark.parametrize('batch_size', [1, 2])
 def test_default_detector_exports_and_onnx_runtime_agrees(tmp_path, batch_size):
     spec = ModelSpec(task='detection', num_classes=4)
-    assert spec.arch == DEFAULT_ARCH['detection'] and spec.image_size == 320
+    assert spec.arch == DEFAULT_ARCH['detection'] and spec.image_size == 640
     torch.manual_seed(0)
     det = wrap(recalibrate_batchnorm(build_model(spec), example_input(spec, 4, seed=9)), spec)
     path = to_onnx(det, tmp_path/'det.onnx', batch_size=batch_size)
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    assert [(i.name, i.shape) for i in sess.get_inputs()] == [('images', [batch_size, 3, 320, 320])]
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [('images', [batch_size, 3, 640, 640])]
     assert [o.name for o in sess.get_outputs()] == ['boxes', 'scores', 'labels', 'embedding']
     x = det.example_input(batch_size, seed=5)  # not the input the graph was traced with
     _check_detections(sess.run(None, {'images': x.numpy()}), _outputs(det, x))

@@ -24,3 +24,12 @@ def test_recipe_states_its_result_and_the_readme_reproduces_it(path):
     text = path.read_text()
     assert '# Measured' in text and 'bench/results/' in text, f'{path.name}: say what it measured and where the JSON is'
     assert f'recipes/{path.name}' in (ROOT/'README.md').read_text(), f'the README shows no command for {path.name}'
+
+
+def test_the_default_detector_is_the_measured_shelf_recipe():
+    "`retail-cv train detect` with only a budget trains exactly what recipes/shelf-tags-fcos_tiny-5min.yaml measured."
+    recipe = parse_model(TrainConfig, read_yaml(ROOT/'recipes'/'shelf-tags-fcos_tiny-5min.yaml', 'training recipe'))
+    budget = {k: getattr(recipe, k) for k in ('max_minutes', 'schedule_clock', 'epochs', 'sample_predictions')}
+    default = TrainConfig(task='detection', **budget)
+    differ = {k: (getattr(default, k), getattr(recipe, k)) for k in TrainConfig.model_fields if getattr(default, k) != getattr(recipe, k)}
+    assert not differ, f'the default detection config and the recipe differ in (default, recipe): {differ}'

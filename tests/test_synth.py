@@ -249,3 +249,35 @@ def test_price_embedded_ean13_is_what_zxing_writes_and_reads():
     assert [b.text for b in zxingcpp.read_barcodes(img)] == [code]
     assert parse_price_ean13(code) == (4711, 349)
     with pytest.raises(ValueError): parse_price_ean13(code[:-1] + str((int(code[-1]) + 1) % 10))
+
+
+# ---------------------------------------------------------------- closer to store photos
+
+def test_realism_options_render_seeded_shelves_with_real_tag_sizes(tmp_path):
+    "Product photos as packaging, price-first tags, a cluttered shelf edge and a turned camera: seeded, boxed, any worker count."
+    from retail_cv.data.formats import grocery_sample
+    opts = dict(images=6, seed=3, width=640, height=640, shelves=(3, 5), labels='kinds', faces=str(grocery_sample()),
+                tag_style='price', price_tag_px=(28, 48), edge_clutter=0.8, roll=5.0)
+    generate_shelves(tmp_path/'one', opts)
+    generate_shelves(tmp_path/'two', opts, workers=2)
+    assert file_hashes(tmp_path/'one') == file_hashes(tmp_path/'two')
+    ds = read_coco(tmp_path/'one'/'annotations.json')
+    tag = next(c.id for c in ds.categories if c.name == 'price_tag')
+    tags = [a for a in ds.annotations if a.category_id == tag]
+    assert len(tags) >= 6 * 6
+    widths = sorted(a.bbox[2] for a in tags)
+    assert 26 <= widths[len(widths) // 2] <= 60, widths  # 28-48 px tags, widened by the roll
+    assert all(0 <= a.bbox[0] and a.bbox[0] + a.bbox[2] <= 640 + 1e-6 and a.bbox[1] + a.bbox[3] <= 640 + 1e-6 for a in ds.annotations)
+    # the packaging is the photos: the product boxes hold photo pixels, far from the drawn catalogue's flat colours
+    flat = ShelfRenderer(synth_config(seed=3, width=640, height=640, shelves=(3, 5))).render(0)
+    photo = ShelfRenderer(synth_config(seed=3, width=640, height=640, shelves=(3, 5), faces=str(grocery_sample()))).render(0)
+    assert not np.array_equal(flat.image, photo.image)
+
+
+def test_a_faces_folder_without_photos_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'faces'"): generate_shelves(tmp_path/'x', images=1, faces=str(tmp_path/'missing'))
+    (tmp_path/'empty').mkdir()
+    with pytest.raises(ConfigError, match="'faces'.*holds no JPEG or PNG photo"): generate_shelves(tmp_path/'x', images=1, faces=str(tmp_path/'empty'))
+    (tmp_path/'bad').mkdir(); (tmp_path/'bad'/'a.jpg').write_bytes(b'not a jpeg')
+    with pytest.raises(ConfigError, match="a.jpg is not a readable image"): generate_shelves(tmp_path/'x', images=1, faces=str(tmp_path/'bad'))
+    assert not (tmp_path/'x').exists()  # refused before anything is written

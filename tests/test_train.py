@@ -62,10 +62,10 @@ def _env() -> dict:
 
 def test_config_fills_defaults_and_names_bad_keys():
     c = TrainConfig(task='detection')
-    assert (c.arch, c.image_size, c.precision) == ('ssdlite320_mobilenet_v3_large', 320, 'auto')
+    assert (c.arch, c.image_size, c.precision) == ('fcos_tiny_fpn', 640, 'auto')
     assert TrainConfig(arch='resnet18').task == 'classification'
     with pytest.raises(ConfigError, match="unknown config key 'epoch'"): parse_model(TrainConfig, {'epoch': 2})
-    with pytest.raises(ConfigError, match='only takes image_size=320'): parse_model(TrainConfig, {'task': 'detection', 'image_size': 512})
+    with pytest.raises(ConfigError, match='only takes image_size=320'): parse_model(TrainConfig, {'arch': 'ssdlite320_mobilenet_v3_large', 'image_size': 512})
     with pytest.raises(ConfigError, match="'optimizer'"): parse_model(TrainConfig, {'optimizer': 'adam'})
     with pytest.raises(ConfigError, match='set seed on TrainConfig itself'): parse_model(TrainConfig, {'pipeline': {'seed': 1}})
     # round trip through JSON, as config.json and checkpoints store it

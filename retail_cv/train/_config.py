@@ -8,7 +8,7 @@ Docs: https://retail-cv.github.io/retail_cv/train_config.html.md"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -20,9 +20,20 @@ from ..models import DEFAULT_ARCH, ModelSpec
 # %% auto #0
 __all__ = ['TrainConfig']
 
+# %% ../../nbs/30a_train_config.ipynb #6efb209b
+# What trains each architecture best, measured: these values fill the fields a config leaves out, so the default
+# detector of `retail-cv train detect` is the measured recipe (bench/bench_real_shelves.py, row tiles-5min, and
+# recipes/shelf-tags-fcos_tiny-5min.yaml; tests/test_recipes.py keeps the two equal). Keyed by architecture, a
+# function of the input side because the tiles are half of it.
+_ARCH_DEFAULTS: dict[str, Callable[[int], dict[str, Any]]] = {
+    'fcos_tiny_fpn': lambda size: {'batch_size': 8, 'lr': 2e-3, 'warmup_fraction': 0.05, 'grad_clip': 10.0,
+                                   'pipeline': {'tile_size': max(16, size // 2), 'tile_zoom': [0.6, 1.5],  # a list, as JSON and YAML give it back
+                                                'brightness': 0.3, 'contrast': 0.3}}}
+
+
 # %% ../../nbs/30a_train_config.ipynb #92ec95ae
 def _fill_model_fields(data: Any) -> Any:
-    "Raw config values with `arch`, `task` and `image_size` filled from each other; ValueError when they cannot build."
+    "Raw config values with `arch`, `task` and `image_size` filled from each other and the architecture's measured defaults; ValueError when they cannot build."
     if not isinstance(data, dict): return data
     data = dict(data)
     if data.get('arch') is None:
@@ -32,6 +43,9 @@ def _fill_model_fields(data: Any) -> Any:
     try: spec = ModelSpec(task=data.get('task'), arch=data['arch'], num_classes=2, image_size=data.get('image_size'))
     except ValidationError as e: raise ValueError('; '.join(err['msg'].removeprefix('Value error, ') for err in e.errors())) from None
     data['task'], data['image_size'] = spec.task, spec.image_size
+    for key, value in _ARCH_DEFAULTS.get(spec.arch, lambda size: {})(spec.image_size).items():
+        if key == 'pipeline': data[key] = {**value, **(data.get(key) or {})}
+        elif data.get(key) is None: data[key] = value
     return data
 
 # %% ../../nbs/30a_train_config.ipynb #7d5c2c83

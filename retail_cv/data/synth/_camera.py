@@ -94,11 +94,15 @@ def _normal_quantiles() -> np.ndarray:
 
 # %% ../../../nbs/13g_synth_camera.ipynb #9b3820af
 def _camera(img: np.ndarray, objects: list[SceneObject], cfg: SynthConfig, rng: np.random.Generator):
-    "Perspective (boxes follow), capture resolution, blur and noise."
+    "Perspective and roll (boxes follow), capture resolution, blur and noise."
     H, W = img.shape[:2]
     dst = np.float32([[0, 0], [W, 0], [W, H], [0, H]])
     src = dst + rng.uniform(0, cfg.perspective, (4, 2)).astype(np.float32) * np.float32([W, H]) * np.float32([[1, 1], [-1, 1], [-1, -1], [1, -1]])
     M = cv2.getPerspectiveTransform(src, dst)  # maps an inner quadrilateral of the scene onto the whole image
+    if cfg.roll:  # then turn the view about its centre, zoomed in just enough that no corner shows the border
+        a = rng.uniform(-cfg.roll, cfg.roll); r = np.deg2rad(abs(a))
+        zoom = np.cos(r) + np.sin(r) * max(W, H) / min(W, H)
+        M = np.vstack([cv2.getRotationMatrix2D((W / 2, H / 2), float(a), float(zoom)), [0, 0, 1]]) @ M
     img = cv2.warpPerspective(img, M, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     objects = _warp_boxes(objects, M, W, H)
     s = rng.uniform(*cfg.sensor_scale)

@@ -7,6 +7,7 @@ Docs: https://retail-cv.github.io/retail_cv/synth_options.html.md"""
 # %% ../../../nbs/13a_synth_options.ipynb #ac2a27a0
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -22,7 +23,7 @@ Range = tuple[float, float]
 _BOUNDS: dict[str, tuple[float, float]] = {  # allowed (min, max) of each range option
     'shelves': (1, 12), 'facings': (1, 24), 'ean_module_px': (1.0, 20.0), 'qr_module_px': (1.0, 20.0),
     'price': (0.01, 999.99), 'brightness': (0.1, 3.0), 'blur_sigma': (0.0, 10.0), 'noise_sigma': (0.0, 64.0),
-    'sensor_scale': (0.25, 1.0), 'jpeg_quality': (30, 100)}
+    'sensor_scale': (0.25, 1.0), 'jpeg_quality': (30, 100), 'price_tag_px': (8.0, 400.0)}
 
 class SynthConfig(StrictModel):
     "Options of the synthetic shelf generator; the single source of their defaults."
@@ -44,6 +45,7 @@ class SynthConfig(StrictModel):
     color_cast: float = Field(0.08, ge=0, le=0.5, description="max per-channel gain deviation (white balance)")
     vignette: float = Field(0.35, ge=0, le=1, description="max darkening towards the corners")
     perspective: float = Field(0.04, ge=0, le=0.15, description="max corner shift of the camera homography, fraction of the size")
+    roll: float = Field(0.0, ge=0, le=15, description="max camera roll in degrees (the view turns about its centre; boxes enclose the turned objects)")
     blur_prob: float = Field(0.5, ge=0, le=1, description="probability of a Gaussian blur")
     blur_sigma: Range = Field((0.3, 0.6), description="blur sigma in pixels when blurred")
     noise_sigma: Range = Field((1.0, 5.0), description="sensor noise standard deviation, 0-255 scale")
@@ -51,6 +53,10 @@ class SynthConfig(StrictModel):
     occlusion_prob: float = Field(0.3, ge=0, le=1, description="probability of a hand or card in front of the products")
     jpeg_quality: tuple[int, int] = Field((85, 95), description="min and max JPEG quality")
     val_fraction: float = Field(0.2, ge=0, le=1, description="fraction of images in split 'val', the rest in 'train'")
+    tag_style: Literal['code', 'price'] = Field('code', description="price tags: 'code' (a scannable code beside the price) or 'price' (a big printed price over a small code, as most stores print them)")
+    price_tag_px: Range = Field((28.0, 48.0), description="tag_style 'price': tag width in output pixels (the code sizes the 'code' tags)")
+    faces: Path | None = Field(None, description="folder of product photos (searched recursively) used as packaging faces; None: drawn packaging")
+    edge_clutter: float = Field(0.0, ge=0, le=1, description="probability that the shelf edge between two tags carries product pictures (real shelf-edge strips do)")
     labels: Literal['sku', 'kinds'] = Field('sku', description="product labels: one class per SKU, or 'kinds' (product, gap, price_tag)")
 
     @field_validator(*_BOUNDS)
@@ -60,6 +66,12 @@ class SynthConfig(StrictModel):
         if lo > hi: raise ValueError(f"min {lo} is above max {hi}")
         b0, b1 = _BOUNDS[info.field_name]
         if lo < b0 or hi > b1: raise ValueError(f"values must lie in [{b0}, {b1}]")
+        return v
+
+    @field_validator('faces')
+    @classmethod
+    def _check_faces(cls, v: Path | None) -> Path | None:
+        if v is not None and not Path(v).is_dir(): raise ValueError(f"{v} is not a folder of product photos")
         return v
 
 # %% ../../../nbs/13a_synth_options.ipynb #db4d6428

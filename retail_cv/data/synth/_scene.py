@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
 from ...core import ConfigError
 from ._catalogue import SKU, _rgb, make_catalogue
 from ._options import SynthConfig
-from ._tags import SpriteCache
+from ._tags import SpriteCache, product_faces
 
 # %% auto #0
 __all__ = ['SceneObject', 'ShelfScene', 'ShelfComposer']
@@ -115,11 +115,19 @@ class ShelfComposer:
         self.config = config
         self.catalogue = catalogue or make_catalogue(config.skus, config.catalogue_seed, config.price)
         self.by_sku = {s.sku: s for s in self.catalogue}
-        self.sprites = SpriteCache(self.catalogue)
+        faces = product_faces(config.faces, config.skus, config.catalogue_seed) if config.faces else None
+        self.sprites = SpriteCache(self.catalogue, faces, config.tag_style)
         self._check_geometry()
 
     def _symbologies(self) -> tuple[str, ...]:
         return ('ean13', 'qr') if self.config.symbology == 'mixed' else (self.config.symbology,)
+
+    def _tag_sizes(self, pick: Callable[[tuple[float, float]], float]) -> dict[str, tuple[int, int]]:
+        "Tag (w, h) per symbology, each size option's value chosen by `pick` (a random draw, or the maximum)."
+        c = self.config
+        if c.tag_style == 'price':
+            return dict.fromkeys(('ean13', 'qr'), self.sprites.price_tag_size(pick(c.price_tag_px)))
+        return {'ean13': self.sprites.tag_size('ean13', pick(c.ean_module_px)), 'qr': self.sprites.tag_size('qr', pick(c.qr_module_px))}
 
     def _frame(self, n_shelves: int, tag_sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
         "Margins, level height, tag-strip height and product clearance of an image with `n_shelves`."
@@ -134,7 +142,7 @@ class ShelfComposer:
     def _check_geometry(self) -> None:
         "Refuse options whose largest tags or most shelves cannot fit the image."
         c = self.config
-        sizes = {'ean13': self.sprites.tag_size('ean13', c.ean_module_px[1]), 'qr': self.sprites.tag_size('qr', c.qr_module_px[1])}
+        sizes = self._tag_sizes(lambda r: r[1])
         g = self._frame(c.shelves[1], sizes)
         if g['clearance'] < 12:
             raise ConfigError(f"config keys 'shelves' and module sizes: {c.shelves[1]} shelves with {g['strip_h']} px "
@@ -150,8 +158,7 @@ class ShelfComposer:
         "Draw the flat scene: returns canvas, objects, planogram and the product zone (y0, y1) of each shelf."
         c = self.config
         n = int(rng.integers(c.shelves[0], c.shelves[1] + 1))
-        tag_sizes = {'ean13': self.sprites.tag_size('ean13', rng.uniform(*c.ean_module_px)),
-                     'qr': self.sprites.tag_size('qr', rng.uniform(*c.qr_module_px))}
+        tag_sizes = self._tag_sizes(lambda r: rng.uniform(*r))
         g = self._frame(n, tag_sizes)
         g['ppmm'] = g['clearance'] / rng.uniform(170, 260)  # the tallest products about fill the clearance
         g['spacing'] = max(1.0, 3 * g['ppmm'])
@@ -198,8 +205,23 @@ class ShelfComposer:
             x += f * (pw + spacing) + between
         canvas[board_y:board_y + strip_h, mx:W - mx] = edge.astype(np.uint8)
         canvas[board_y:board_y + 2, mx:W - mx] = (edge * 1.15).clip(0, 255).astype(np.uint8)  # the lit front lip
+        if c.edge_clutter: self._clutter_edge(canvas, rng, [(tx, tw) for _, _, tx, _, tw, _, _ in tags], (mx, W - mx), board_y, strip_h)
         for s, sym, tx, ty, tw, th, j in tags:
             _paste(canvas, self.sprites.scaled(('tag', s.sku, sym), self.sprites.tag(s, sym), tw, th), tx, ty)
             objects.append(SceneObject('price_tag', s.sku, (tx, ty, tw, th), {
                 'sku': s.sku, 'price': s.price_cents / 100, 'symbology': sym, 'payload': s.payload(sym), 'shelf': i, 'slot': j}))
         return slots, (y_top, board_y)
+
+    def _clutter_edge(self, canvas: np.ndarray, rng: np.random.Generator, tags: list[tuple[int, int]],
+                      span: tuple[int, int], y: int, strip_h: int) -> None:
+        "Cover spans of the shelf edge between tags (x, w) with product pictures, as real shelf-edge strips are; not annotated."
+        h = max(4, int(strip_h * .8)); top = y + (strip_h - h) // 2
+        edges = [span[0], *(v for tx, tw in tags for v in (tx, tx + tw)), span[1]]
+        for a, b in zip(edges[::2], edges[1::2]):  # the free stretches left of, between and right of the tags
+            if rng.random() >= self.config.edge_clutter: continue
+            x = a + 2
+            while x + h // 2 < b - 2:
+                s = self.catalogue[int(rng.integers(len(self.catalogue)))]
+                w = min(b - 2 - x, max(4, int(h * rng.uniform(.6, 1.6))))
+                _paste(canvas, self.sprites.scaled(('sku', s.sku), self.sprites.sprite(s), w, h), x, top)
+                x += w + int(rng.integers(0, 3))

@@ -7,6 +7,7 @@ Docs: https://retail-cv.github.io/retail_cv/synth_tags.html.md"""
 # %% ../../../nbs/13e_synth_tags.ipynb #48e4cb6b
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import cv2
@@ -14,11 +15,12 @@ import numpy as np
 import zxingcpp
 from PIL import Image, ImageDraw
 
+from ...core import ConfigError
 from ._catalogue import SKU
 from ._drawing import _fit_font, _font, render_sku
 
 # %% auto #0
-__all__ = ['render_tag', 'SpriteCache']
+__all__ = ['render_tag', 'product_faces', 'SpriteCache']
 
 # %% ../../../nbs/13e_synth_tags.ipynb #0e3ec416
 def _code_modules(payload: str, symbology: str) -> np.ndarray:
@@ -58,32 +60,88 @@ def _qr_tag(s: SKU,  # the product the tag prices
     arr = np.array(im); arr[:, :side] = qr[..., None]
     return arr
 
+# %% ../../../nbs/13e_synth_tags.ipynb #d1eec3f2
+_PRICE_TAG_WH = (160, 128)  # reference size of a price-style tag, pixels
+
+def _price_tag(s: SKU,  # the product the tag prices
+               code: np.ndarray,  # its code as 0/255 modules (one row for EAN-13, a square for QR)
+               bg: tuple[int, int, int],  # the tag's colour (RGB)
+              ) -> np.ndarray:
+    "A price tag printed the common way (large price, small name and code) as RGB pixels."
+    W, H = _PRICE_TAG_WH
+    im = Image.new('RGB', (W, H), bg); d = ImageDraw.Draw(im)
+    d.rectangle((0, 0, W - 1, H - 1), outline=(150, 150, 150))
+    d.text((6, 4), s.name[:24], font=_fit_font(d, s.name[:24], W - 12, 14), fill=(60, 60, 60))
+    f = _fit_font(d, s.price, W - 16, 64)
+    d.text(((W - d.textlength(s.price, font=f)) / 2, 20), s.price, font=f, fill=(15, 15, 15))
+    arr = np.array(im)
+    if code.shape[0] == 1:  # EAN-13 bars across the bottom
+        arr[H - 28:H - 6, 6:W - 6] = cv2.resize(code, (W - 12, 22), interpolation=cv2.INTER_NEAREST)[..., None]
+    else:  # a small QR in the bottom-left corner
+        arr[H - 40:H - 4, 4:40] = cv2.resize(code, (36, 36), interpolation=cv2.INTER_NEAREST)[..., None]
+    return arr
+
 # %% ../../../nbs/13e_synth_tags.ipynb #19280664
 _TAG_MODULE = 4  # tags are drawn once at 4 px per module
 _TAG_COLORS = ((250, 250, 246), (255, 236, 90), (250, 250, 246), (235, 245, 255))
 
 def render_tag(s: SKU,  # the product the tag prices
                symbology: Literal['ean13', 'qr'],  # the code printed on it
-               module: int = _TAG_MODULE,  # pixels per code module
+               module: int = _TAG_MODULE,  # pixels per code module ('code' style)
+               style: Literal['code', 'price'] = 'code',  # a scannable code beside the price, or a large price over a small code
               ) -> np.ndarray:
-    "A shelf-edge price tag (BGR uint8) with price, SKU code and a scannable code."
+    "A shelf-edge price tag (BGR uint8) with price, SKU code and a code."
     if symbology not in ('ean13', 'qr'): raise ValueError(f"symbology must be 'ean13' or 'qr', got {symbology!r}")
-    code = _code_modules(s.payload(symbology), symbology)
-    arr = (_ean13_tag if symbology == 'ean13' else _qr_tag)(s, code, module, _TAG_COLORS[s.item % len(_TAG_COLORS)])
+    if style not in ('code', 'price'): raise ValueError(f"style must be 'code' or 'price', got {style!r}")
+    code, bg = _code_modules(s.payload(symbology), symbology), _TAG_COLORS[s.item % len(_TAG_COLORS)]
+    arr = (_price_tag(s, code, bg) if style == 'price' else
+           (_ean13_tag if symbology == 'ean13' else _qr_tag)(s, code, module, bg))
     return np.ascontiguousarray(arr[..., ::-1])
+
+# %% ../../../nbs/13e_synth_tags.ipynb #5371d5d2
+_FACE_SIDE = 256  # face photos are kept at most this long on their long side
+
+def product_faces(folder: Path,  # a folder of product photos, searched recursively (JPEG, PNG)
+                  count: int,  # how many to use
+                  seed: int,  # the seed of the choice
+                 ) -> list[np.ndarray]:
+    "A seeded choice of `count` photos from `folder` as BGR arrays at most 256 px long; ConfigError when it has none."
+    paths = sorted(p for p in Path(folder).rglob('*') if p.suffix.lower() in ('.jpg', '.jpeg', '.png') and p.is_file())
+    if not paths: raise ConfigError(f"config key 'faces': {folder} holds no JPEG or PNG photo")
+    faces = []
+    for k in np.random.default_rng(seed).permutation(len(paths))[:count]:
+        img = cv2.imread(str(paths[k]), cv2.IMREAD_COLOR)
+        if img is None: raise ConfigError(f"config key 'faces': {paths[k]} is not a readable image")
+        f = _FACE_SIDE / max(img.shape[:2])
+        faces.append(cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) if f < 1 else img)
+    return faces
+
+# %% ../../../nbs/13e_synth_tags.ipynb #0dd34101
+def _face_sprite(face: np.ndarray,  # a product photo (BGR)
+                 s: SKU,  # the product it stands for
+                ) -> np.ndarray:
+    "The centre of `face` cut to the SKU's width:height, as an opaque BGRA sprite."
+    h, w = face.shape[:2]; aspect = s.width_mm / s.height_mm
+    cw, ch = (min(w, round(h * aspect)), h) if w / h > aspect else (w, min(h, round(w / aspect)))
+    x0, y0 = (w - cw) // 2, (h - ch) // 2
+    return cv2.cvtColor(np.ascontiguousarray(face[y0:y0 + ch, x0:x0 + cw]), cv2.COLOR_BGR2BGRA)
 
 # %% ../../../nbs/13e_synth_tags.ipynb #40b9b83e
 class SpriteCache:
     "A catalogue's product sprites and price tags, drawn once and kept with their halvings for fast shrinking."
-    def __init__(self, catalogue: list[SKU]):  # the products to draw
-        self.catalogue = catalogue
+    def __init__(self, catalogue: list[SKU],  # the products to draw
+                 faces: list[np.ndarray] | None = None,  # product photos (BGR) used as packaging, one per SKU in turn
+                 tag_style: Literal['code', 'price'] = 'code',  # how tags are printed (`render_tag`)
+                ):
+        self.catalogue, self.faces, self.tag_style = catalogue, faces, tag_style
         self._sprites: dict[str, np.ndarray] = {}
         self._tags: dict[tuple[str, str], np.ndarray] = {}
         self._pyramids: dict[tuple, list[np.ndarray]] = {}  # key -> the image and its successive halvings
 
     def sprite(self, s: SKU) -> np.ndarray:
-        "The product's cached reference sprite."
-        if s.sku not in self._sprites: self._sprites[s.sku] = render_sku(s)
+        "The product's cached reference sprite: drawn, or its face photo."
+        if s.sku not in self._sprites:
+            self._sprites[s.sku] = _face_sprite(self.faces[s.item % len(self.faces)], s) if self.faces else render_sku(s)
         return self._sprites[s.sku]
 
     def scaled(self, key: tuple, img: np.ndarray, w: float, h: float) -> np.ndarray:
@@ -102,10 +160,14 @@ class SpriteCache:
 
     def tag(self, s: SKU, symbology: str) -> np.ndarray:
         "The product's cached reference tag."
-        if (s.sku, symbology) not in self._tags: self._tags[s.sku, symbology] = render_tag(s, symbology)
+        if (s.sku, symbology) not in self._tags: self._tags[s.sku, symbology] = render_tag(s, symbology, style=self.tag_style)
         return self._tags[s.sku, symbology]
 
     def tag_size(self, symbology: str, module_px: float) -> tuple[int, int]:
         "Size (w, h) in output pixels of every tag of `symbology` at `module_px`."
         h, w = self.tag(self.catalogue[0], symbology).shape[:2]
         return max(1, round(w * module_px / _TAG_MODULE)), max(1, round(h * module_px / _TAG_MODULE))
+
+    def price_tag_size(self, width_px: float) -> tuple[int, int]:
+        "Size (w, h) in output pixels of a price-style tag `width_px` wide."
+        return max(1, round(width_px)), max(1, round(width_px * _PRICE_TAG_WH[1] / _PRICE_TAG_WH[0]))
