@@ -1,4 +1,4 @@
-"""The flat scene photographed: a hand or a card in front, uneven light, a tilted view, a soft lens, sensor noise; boxes follow.
+"""The flat scene photographed: a hand or a card in front, uneven light, a tilted and turned view, a soft lens, sensor noise; boxes follow.
 
 Docs: https://retail-cv.github.io/retail_cv/synth_camera.html.md"""
 

@@ -1,4 +1,4 @@
-"""Shelf-edge price tags whose EAN-13 or QR code really scans, and the cache that draws each sprite and tag once.
+"""Shelf-edge price tags whose EAN-13 or QR code really scans (or printed price-first), product photos as packaging, and the cache that draws each sprite and tag once.
 
 Docs: https://retail-cv.github.io/retail_cv/synth_tags.html.md"""
 
