@@ -7,7 +7,7 @@ AP@.5 of the one class, pycocotools through `retail_cv.evaluate`). Each (variant
 exists, so a cut run resumes where it stopped; `--force` re-measures.
 
 Variants (`VARIANTS`, in the order of the table; each adds one ingredient to its `BASE`): the old default detector;
-the small detector at full resolution; + training on tiles (the shipped recipe); the tiles recipe on synthetic
+the registered MobileNetV3 FPN detectors (FCOS, RetinaNet) at full resolution; the small detector at full resolution; + training on tiles (the shipped recipe); the tiles recipe on synthetic
 shelves only, flat and then with each realism option of the generator added in turn (`REALISM`: price-first tags,
 Grocery photos as packaging, pictures on the shelf edge, camera roll); synthetic pre-training, then the recipe on
 the real photos, on flat and on the most realistic synthetic shelves. Each is a TrainConfig (a recipe file or defined below)
@@ -35,6 +35,12 @@ FOLDS = 5
 VARIANTS = {
     'default-5min': ('`retail-cv train detect` as it was (SSDlite at 320 px, whole photos)',
                      dict(arch='ssdlite320_mobilenet_v3_large', max_minutes=5)),
+    'fcos-mobilenet-640-5min': ('FCOS on MobileNetV3-Large FPN at 640 px, whole photos, the same optimiser',
+                                dict(arch='fcos_mobilenet_v3_large_fpn', image_size=640, batch_size=8, lr=2e-3, scheduler='cosine',
+                                     warmup_fraction=0.05, grad_clip=10, max_minutes=5)),
+    'retinanet-mobilenet-640-5min': ('RetinaNet on MobileNetV3-Large FPN at 640 px, whole photos, the same optimiser',
+                                     dict(arch='retinanet_mobilenet_v3_large_fpn', image_size=640, batch_size=8, lr=2e-3, scheduler='cosine',
+                                          warmup_fraction=0.05, grad_clip=10, max_minutes=5)),
     'tiny-full-5min': ('fcos_tiny_fpn at 640 px on whole photos',
                        dict(arch='fcos_tiny_fpn', batch_size=8, lr=2e-3, scheduler='cosine', warmup_fraction=0.05, grad_clip=10, max_minutes=5,
                             pipeline=dict(tile_size=None, tile_zoom=[1.0, 1.0], brightness=0.2, contrast=0.2))),  # not its defaults' tiles
@@ -147,7 +153,7 @@ def _load() -> dict:
 
 
 # What each row's gain is measured against: the variant it adds one ingredient to.
-BASE = {'tiny-full-5min': 'default-5min', 'tiles-5min': 'tiny-full-5min', 'synthetic-only-5min+price-tags': 'synthetic-only-5min',
+BASE = {'fcos-mobilenet-640-5min': 'default-5min', 'retinanet-mobilenet-640-5min': 'default-5min', 'tiny-full-5min': 'default-5min', 'tiles-5min': 'tiny-full-5min', 'synthetic-only-5min+price-tags': 'synthetic-only-5min',
         'synthetic-only-5min+faces': 'synthetic-only-5min+price-tags', 'synthetic-only-5min+edge-clutter': 'synthetic-only-5min+faces',
         'synthetic-only-5min+roll': 'synthetic-only-5min+edge-clutter', 'synthetic-then-real-10min': 'tiles-5min',
         'synthetic-then-real-10min+realism': 'synthetic-then-real-10min'}

@@ -127,6 +127,9 @@ def test_a_folder_of_images_and_clear_errors(env, tmp_path):
     with pytest.raises(ConfigError, match=r"rules\.yaml: .*unknown metric 'mmd.embeding.p_value'"): load_rules(tmp_path/'rules.yaml')
     r = run_cli('-w', env['root']/'ws', 'monitor', 'check', env['bundle'], '--images', tmp_path/'new', '--since', 'last tuesday')
     assert r.returncode == 1 and 'neither a duration' in r.stderr
+    (tmp_path/'accuracy.yaml').write_text("rules:\n  - {name: low, metric: accuracy.worst, op: '<', threshold: 0.8}\n")
+    r = run_cli('-w', env['root']/'ws', 'monitor', 'check', env['bundle'], '--images', tmp_path/'new', '--rules', tmp_path/'accuracy.yaml')
+    assert r.returncode == 1 and 'has no rule on a drift metric' in r.stderr and 'monitor accuracy' in r.stderr
 
 
 def test_detector_reference_and_its_tests(env, tmp_path):

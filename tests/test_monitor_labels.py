@@ -100,10 +100,17 @@ def test_service_log_and_an_audit_through_the_cli(served, tmp_path):
                                        "  - {name: plain, metric: accuracy.worst, op: '<', threshold: 0.8}\n"
                                        "  - {name: drift, metric: drift, threshold: 1}\n")
     r = run_cli('monitor', 'accuracy', served['log'], tmp_path/'audit.csv', '--by', 'store', '--min-labelled', '10',
-                '--rules', tmp_path/'rules.yaml', '--json')
+                '--rules', tmp_path/'rules.yaml', '--json', '--prometheus', tmp_path/'accuracy.prom')
     assert r.returncode == 3, r.stderr
     alerts = {a['rule']: a['fired'] for a in json.loads(r.stdout)['alerts']}
     assert alerts == {'sure': False, 'plain': True}  # the drift rule belongs to `monitor check`
+    # the same numbers as Prometheus gauges, read back by Prometheus' own parser
+    from prometheus_client.parser import text_string_to_metric_families
+    gauges = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_string_to_metric_families((tmp_path/'accuracy.prom').read_text()) for s in f.samples}
+    assert gauges['retail_cv_labelled', (('store', 's1'), ('window', '7d'))] == 30
+    assert gauges['retail_cv_accuracy', (('store', 's2'), ('window', '7d'))] == 0.5
+    assert gauges['retail_cv_alert_firing', (('rule', 'plain'), ('window', '7d'))] == 1
 
 
 def test_small_groups_list_but_do_not_alert(tmp_path):

@@ -41,8 +41,13 @@ def monitor_check(ctx: typer.Context,
                   trusted_key: list[Path] = typer.Option([], '--trusted-key', help="Trusted public key(s) (default: $RETAIL_CV_TRUSTED_KEYS, then WORKSPACE/keys)"),
                   as_json: bool = typer.Option(False, '--json', help="Print the report and alerts as JSON")):
     "Check a bundle's reference against the field; exit 3 when an alert fires."
-    from retail_cv.monitor import DEFAULT_RULES, Monitor, load_rules, post_webhook, report_html, window_start, write_prometheus
+    from retail_cv.core import ConfigError
+    from retail_cv.monitor import (ACCURACY_METRICS, DEFAULT_RULES, Monitor, load_rules, post_webhook, report_html, window_start,
+                                   write_prometheus)
     config = load_rules(rules) if rules else DEFAULT_RULES  # a bad rules file or window stops before anything is read
+    if not (mine := [r for r in config.rules if r.metric not in ACCURACY_METRICS]):  # one rules file may serve both commands
+        raise ConfigError(f"alert rules file {rules} has no rule on a drift metric; its accuracy rules are checked by `retail-cv monitor accuracy`")
+    config = config.model_copy(update={'rules': mine})
     window_start(since)
     mon = Monitor.open(bundle, log=log, images=images, trusted_keys=[str(k) for k in trusted_key] or None, workspace=workspace(ctx),
                        any_version=any_version, last=last, alpha=alpha, permutations=permutations, seed=seed, min_images=min_images)
@@ -72,12 +77,13 @@ def monitor_accuracy(log_dir: Path = typer.Argument(..., help="The service's pre
                      strict: bool = typer.Option(False, '--strict', help="Fail when a label matches no logged prediction (default: count them)"),
                      save_counts: Optional[Path] = typer.Option(None, '--save-counts', help="Also write the per-bucket counts (JSON, mergeable)"),
                      html: Optional[Path] = typer.Option(None, '--html', help="Write the accuracy page here"),
+                     prometheus: Optional[Path] = typer.Option(None, '--prometheus', help="Write Prometheus gauges here (node_exporter textfile)"),
                      as_json: bool = typer.Option(False, '--json', help="Print the report and alerts as JSON")):
     "Accuracy from delayed labels per model version, store and class, with Wilson intervals; exit 3 when an alert fires."
     from datetime import datetime, timezone
     from retail_cv.core import ConfigError
     from retail_cv.monitor import (ACCURACY_METRICS, AlertConfig, LabelCounts, Labels, accuracy_html, accuracy_report, evaluate_rules,
-                                   join_labels, load_rules, post_webhook)
+                                   join_labels, load_rules, post_webhook, write_prometheus)
     keys, win, now = tuple(b.strip() for b in by.split(',') if b.strip()), None if window.strip().lower() == 'all' else window, datetime.now(timezone.utc)
     def report(w): return accuracy_report(counts, keys, w, now, min_labelled)
     config = load_rules(rules) if rules else None
@@ -89,9 +95,11 @@ def monitor_accuracy(log_dir: Path = typer.Argument(..., help="The service's pre
     alerts = evaluate_rules(AlertConfig(rules=mine), lambda w: report(w or win)) if config else []
     fired = [a for a in alerts if a.fired]
     if html: accuracy_html(rep, html)
+    if prometheus: write_prometheus(prometheus, rep, alerts)
     if save_counts: counts.save(save_counts)
     sent = post_webhook(config.webhook, fired) if fired and config.webhook else None
-    if as_json: print_json({'report': rep.to_dict(), 'alerts': [a.to_dict() for a in alerts], 'webhook_status': sent, 'html': str(html) if html else None})
+    if as_json: print_json({'report': rep.to_dict(), 'alerts': [a.to_dict() for a in alerts], 'webhook_status': sent, 'html': str(html) if html else None,
+                            'prometheus': str(prometheus) if prometheus else None})
     else:
         console.print(rep.summary(), highlight=False, markup=False)
         for a in alerts: console.print(f"rule {a.rule.name}: {a.rule.metric} = {a.value} {'FIRED' if a.fired else 'ok'}", highlight=False, markup=False)

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from ..core import ConfigError, RetailCVError, StrictModel, atomic_write, parse_model, read_yaml
 from ._inputs import window_start
-from ._labels import ACCURACY_METRICS
+from ._labels import ACCURACY_METRICS, AccuracyReport
 from ._report import TEST_NAMES, DriftReport
 
 # %% auto #0
@@ -165,25 +165,51 @@ def post_webhook(webhook: Webhook,  # where to, and the variable holding the sec
 # %% ../../nbs/75d_monitor_alerts.ipynb #79e453aa
 def _label(v: Any) -> str: return str(v).replace('\\', '\\\\').replace('"', '\\"').replace('\n', ' ')
 
-# %% ../../nbs/75d_monitor_alerts.ipynb #cbe095d3
-def prometheus_text(report: DriftReport,  # the drift report
-                    alerts: list[Alert] = (),  # the rules held against it
-                   ) -> str:
-    "Gauges of the report (and of each rule) in the Prometheus text exposition format."
-    m = f'model="{_label(report.model.get("name", ""))}",version="{_label(report.model.get("version", ""))}"'
+# %% ../../nbs/75d_monitor_alerts.ipynb #74b68b1f
+def _drift_gauges(report: DriftReport,  # the drift report
+                  m: str,  # its model's labels, `model="...",version="..."`
+                 ) -> list[str]:
+    "Gauge lines of a drift report: the verdict, the images compared, and each test's statistic and p-values."
     lines = ['# HELP retail_cv_drift 1 when the drift check alerts (Holm-corrected).', '# TYPE retail_cv_drift gauge',
              f'retail_cv_drift{{{m}}} {int(report.drift)}',
              '# HELP retail_cv_drift_images Images compared.', '# TYPE retail_cv_drift_images gauge',
              f'retail_cv_drift_images{{{m},side="reference"}} {report.n_reference}', f'retail_cv_drift_images{{{m},side="current"}} {report.n_current}']
-    for g, f in (('statistic', 'statistic'), ('p_value', 'p_value'), ('p_adjusted', 'p_adjusted')):
+    for g in ('statistic', 'p_value', 'p_adjusted'):
         lines += [f'# HELP retail_cv_drift_test_{g} Each drift test\'s {g.replace("_", " ")}.', f'# TYPE retail_cv_drift_test_{g} gauge']
-        lines += [f'retail_cv_drift_test_{g}{{{m},test="{t.name}"}} {getattr(t, f):.6g}' for t in report.tests if not t.skipped]
+        lines += [f'retail_cv_drift_test_{g}{{{m},test="{t.name}"}} {getattr(t, g):.6g}' for t in report.tests if not t.skipped]
+    return lines
+
+# %% ../../nbs/75d_monitor_alerts.ipynb #89f28511
+def _accuracy_gauges(report: AccuracyReport) -> list[str]:
+    "Gauge lines of an accuracy report: labelled predictions, accuracy and its Wilson bounds, overall and per group."
+    rows = [({}, report.overall)] + [(g['group'], g) for g in report.groups]
+    lines = []
+    for name, key, what in (('labelled', 'labelled', 'Labelled predictions in the window'), ('accuracy', 'accuracy', 'Accuracy from delayed labels'),
+                            ('accuracy_lower', 'lower', 'Lower Wilson bound of the accuracy'), ('accuracy_upper', 'upper', 'Upper Wilson bound of the accuracy')):
+        lines += [f'# HELP retail_cv_{name} {what}.', f'# TYPE retail_cv_{name} gauge']
+        for group, r in rows:
+            if r.get(key) is None: continue
+            labels = ','.join(f'{k}="{_label(v)}"' for k, v in {'window': report.window or 'all', **group}.items())
+            lines.append(f'retail_cv_{name}{{{labels}}} {r[key]:.6g}')
+    return lines
+
+# %% ../../nbs/75d_monitor_alerts.ipynb #cbe095d3
+def prometheus_text(report: DriftReport | AccuracyReport,  # a drift report, or accuracy from delayed labels
+                    alerts: list[Alert] = (),  # the rules held against it
+                   ) -> str:
+    "Gauges of a drift or accuracy report (and of each rule) in the Prometheus text exposition format."
+    if isinstance(report, AccuracyReport):
+        m = f'window="{_label(report.window or "all")}"'
+        lines = _accuracy_gauges(report)
+    else:
+        m = f'model="{_label(report.model.get("name", ""))}",version="{_label(report.model.get("version", ""))}"'
+        lines = _drift_gauges(report, m)
     if alerts:
         lines += ['# HELP retail_cv_alert_firing 1 when the alert rule fires.', '# TYPE retail_cv_alert_firing gauge']
         lines += [f'retail_cv_alert_firing{{{m},rule="{_label(a.rule.name)}"}} {int(a.fired)}' for a in alerts]
     return '\n'.join(lines) + '\n'
 
 # %% ../../nbs/75d_monitor_alerts.ipynb #b36b8fcf
-def write_prometheus(path: str | os.PathLike, report: DriftReport, alerts: list[Alert] = ()) -> Path:
+def write_prometheus(path: str | os.PathLike, report: DriftReport | AccuracyReport, alerts: list[Alert] = ()) -> Path:
     "Write `prometheus_text` to `path` atomically (node_exporter's textfile collector reads `*.prom`)."
     atomic_write(path, prometheus_text(report, alerts)); return Path(path)
