@@ -52,7 +52,7 @@ VARIANTS = {
     'synthetic-only-5min+roll': ('+ camera roll up to 5 degrees (roll)', 'recipes/shelf-tags-fcos_tiny-5min.yaml'),
     'synthetic-then-real-10min': ('5 min on synthetic shelves, then the tiles recipe on the real photos',
                                   'recipes/shelf-tags-fcos_tiny-5min.yaml'),
-    'synthetic-then-real-10min+realism': ('the same on the most realistic synthetic shelves (every realism option)',
+    'synthetic-then-real-10min+realism': ('the same on realistic synthetic shelves (the options that helped: price-first tags, faces, edge clutter)',
                                           'recipes/shelf-tags-fcos_tiny-5min.yaml'),
 }
 # Synthetic shelves for the synthetic variants: square like the real photos, QR tags of real tag size (25-50 px),
@@ -66,7 +66,7 @@ REALISM = {  # cumulative, in the order of the table: each level adds one option
 SYNTHETIC_LEVEL = {'synthetic-only-5min': 'flat', 'synthetic-only-5min+price-tags': 'price-tags',
                    'synthetic-only-5min+faces': 'faces', 'synthetic-only-5min+edge-clutter': 'edge-clutter',
                    'synthetic-only-5min+roll': 'roll', 'synthetic-then-real-10min': 'flat',
-                   'synthetic-then-real-10min+realism': 'roll'}
+                   'synthetic-then-real-10min+realism': 'edge-clutter'}
 
 
 def _synth_options(level: str) -> dict:

@@ -165,4 +165,4 @@ def test_spec_errors_name_the_key():
     with pytest.raises(ConfigError, match="'num_classes'"): parse_model(ModelSpec, {'arch': 'resnet18', 'num_classes': 0})
     with pytest.raises(ConfigError, match='a classifier needs num_classes >= 2'): build_model({'arch': 'resnet18', 'num_classes': 1})
     with pytest.raises(ConfigError, match="spec is for classification but the model is a SSD"):
-        wrap(build_model({'task': 'detection', 'num_classes': 2}), ModelSpec(arch='resnet18', num_classes=2))
+        wrap(build_model({'arch': 'ssdlite320_mobilenet_v3_large', 'num_classes': 2}), ModelSpec(arch='resnet18', num_classes=2))
