@@ -160,17 +160,19 @@ BASE = {'fcos-mobilenet-640-5min': 'default-5min', 'retinanet-mobilenet-640-5min
 
 
 def _summarise(doc: dict) -> dict:
-    "Per variant: mean and median AP@.5 over the folds measured, and the gain over the variant it adds to (`BASE`)."
-    table, means = [], {}
+    "Per variant: mean and median AP@.5 over the folds measured, and the mean gain over its `BASE` on the folds both have."
+    table, per_fold = [], {}
     for v, (what, _) in VARIANTS.items():
-        runs = [r for r in doc.get('runs', []) if r['variant'] == v]
+        runs = sorted((r for r in doc.get('runs', []) if r['variant'] == v), key=lambda r: r['fold'])
         if not runs: continue
-        aps = [r['ap50'] for r in sorted(runs, key=lambda r: r['fold'])]
+        aps = [r['ap50'] for r in runs]
+        per_fold[v] = {r['fold']: r['ap50'] for r in runs}
         row = {'variant': v, 'adds': what, 'folds': len(aps), 'ap50_per_fold': aps, 'mean_ap50': round(statistics.mean(aps), 4),
                'median_ap50': round(statistics.median(aps), 4),
                'median_train_minutes': round(statistics.median(r['train_seconds'] for r in runs) / 60, 2)}
-        if BASE.get(v) in means: row.update(gain_over=BASE[v], gain=round(row['mean_ap50'] - means[BASE[v]], 4))
-        means[v] = row['mean_ap50']
+        if (base := BASE.get(v)) in per_fold and (common := sorted(set(per_fold[v]) & set(per_fold[base]))):
+            row.update(gain_over=base, gain=round(statistics.mean(per_fold[v][k] - per_fold[base][k] for k in common), 4),
+                       gain_folds=len(common))
         table.append(row)
     return table
 
