@@ -140,7 +140,7 @@ def test_defaults_are_read_from_their_owners():
     found = {p.default.target: p.default() for p in _params(typer.main.get_command(app)) if isinstance(p.default, Default)}
     assert {'retail_cv.train:TrainConfig.epochs', 'retail_cv.tune:TuneConfig.trials', 'retail_cv.data.synth:SynthConfig.images',
             'retail_cv.k8s:K8sJobConfig.memory', 'retail_cv.demo:DemoConfig.shelf_images'} <= set(found)
-    assert found['retail_cv.train:TrainConfig.lr'] == TrainConfig.model_fields['lr'].default
+    assert found['retail_cv.train:TrainConfig.epochs'] == TrainConfig.model_fields['epochs'].default
     assert found['retail_cv.tune:TuneConfig.n_jobs'] == TuneConfig.model_fields['n_jobs'].default
     r = run_cli('k8s', 'render', '--help', env={'COLUMNS': '200'})
     assert f"[default: {K8sJobConfig.model_fields['memory'].default}]" in r.stdout

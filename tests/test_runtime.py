@@ -43,7 +43,7 @@ def env(tmp_path_factory):
     clf_kw = dict(name='shelf-classifier', version='1', labels=LABELS, contract=clf.contract(), golden_images=photos[:3],
                   workspace=ws, profile='shelf-cam-x86', postprocessing={'top_k': 3})
     clf_bundle = build_bundle(root/'clf.tar', clf_onnx, **clf_kw)
-    dspec = ModelSpec(task='detection', num_classes=3, max_detections=20)
+    dspec = ModelSpec(arch='ssdlite320_mobilenet_v3_large', num_classes=3, max_detections=20)
     det = wrap(recalibrate_batchnorm(build_model(dspec), example_input(dspec, 4, seed=9)), dspec)
     det_bundle = build_bundle(root/'det', to_onnx(det, root/'det.onnx'), name='shelf-detector', version='1', labels=LABELS,
                               contract=det.contract(), golden_images=photos[:3], workspace=ws, profile='shelf-cam-x86',

@@ -49,7 +49,7 @@ def env(tmp_path_factory):
     for i, sc in enumerate(scenes):
         Image.fromarray(sc.image[..., ::-1]).save(root/f'shelf{i}.jpg', quality=92); photos.append((root/f'shelf{i}.jpg').read_bytes())
     torch.manual_seed(0)
-    spec = ModelSpec(task='detection', num_classes=3, max_detections=20)
+    spec = ModelSpec(arch='ssdlite320_mobilenet_v3_large', num_classes=3, max_detections=20)
     det = wrap(recalibrate_batchnorm(build_model(spec), example_input(spec, 4, seed=9)), spec)
     detector = build_bundle(root/'det', to_onnx(det, root/'det.onnx'), name='shelf-detector', version='1', labels=['product', 'gap', 'price_tag'],
                             contract=det.contract(), golden_images=[root/'shelf0.jpg'], workspace=ws, profile='shelf-cam-x86')
