@@ -12,8 +12,8 @@ from ._gs1 import CodeCheck, check_code, gs1_check_digit, upce_to_upca
 from ._scan import Code, Reading, ScanResult, code_regions, merge_readings, product_counts, scan_files, scan_image
 from ._shelf_rows import Box, Run, ShelfRow, boxes_from_detections, boxes_from_scene, out_of_stock, runs_of_row, shelf_rows, sku_widths
 from ._planogram import Planogram, Slot, check_planogram, read_planogram
-from ._prices import PriceEntry, TagReading, ocr_price, price_embedded, read_prices, read_tag, tag_from_code, tesseract_available
-from ._audit import ShelfAudit, audit_files, audit_image, name_products, verify_prices
+from ._prices import PriceEntry, TagReading, ocr_price, price_embedded, read_prices, read_tag, tag_from_code, tags_by_code, tesseract_available
+from ._audit import AUDIT_MIN_SCORE, ShelfAudit, audit_files, audit_image, name_products, verify_prices
 from ._report import annotate, html_page, write_report
 from ._picking import PickCheck, item_key, picked_items, read_order, verify_picking
 from ._returns import CONDITIONS, ReturnCheck, check_return
@@ -23,7 +23,7 @@ __all__ = ['CodeCheck', 'check_code', 'gs1_check_digit', 'upce_to_upca',
            'Code', 'Reading', 'ScanResult', 'code_regions', 'merge_readings', 'product_counts', 'scan_files', 'scan_image',
            'Box', 'Run', 'ShelfRow', 'boxes_from_detections', 'boxes_from_scene', 'out_of_stock', 'runs_of_row', 'shelf_rows', 'sku_widths',
            'Planogram', 'Slot', 'check_planogram', 'read_planogram',
-           'PriceEntry', 'TagReading', 'ocr_price', 'price_embedded', 'read_prices', 'read_tag', 'tag_from_code', 'tesseract_available',
-           'ShelfAudit', 'audit_files', 'audit_image', 'name_products', 'verify_prices', 'annotate', 'html_page', 'write_report',
+           'PriceEntry', 'TagReading', 'ocr_price', 'price_embedded', 'read_prices', 'read_tag', 'tag_from_code', 'tags_by_code', 'tesseract_available',
+           'AUDIT_MIN_SCORE', 'ShelfAudit', 'audit_files', 'audit_image', 'name_products', 'verify_prices', 'annotate', 'html_page', 'write_report',
            'PickCheck', 'item_key', 'picked_items', 'read_order', 'verify_picking', 'CONDITIONS', 'ReturnCheck', 'check_return',
            'Gallery', 'Identity', 'embed', 'identify', 'model_identity']

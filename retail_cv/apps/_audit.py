@@ -8,6 +8,7 @@ Docs: https://retail-cv.github.io/retail_cv/apps_audit.html.md"""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,15 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from ._planogram import Planogram, Slot, check_planogram, read_planogram
-from ._prices import PriceEntry, TagReading, _money, read_prices, read_tag
+from ._prices import PriceEntry, TagReading, _money, read_prices, read_tag, tags_by_code
 from ._shelf_rows import (SAME_LOOK, Box, Run, ShelfRow, appearance, boxes_from_detections, look_distance, out_of_stock,
                                         runs_of_row, shelf_rows, sku_widths)
 from ..preprocess import ImageSource, load_image
 
+_log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['verify_prices', 'ShelfAudit', 'name_products', 'audit_image', 'audit_files']
+__all__ = ['AUDIT_MIN_SCORE', 'verify_prices', 'ShelfAudit', 'name_products', 'audit_image', 'audit_files']
 
 # %% ../../nbs/70f_apps_audit.ipynb #ba1868cb
 def _above(tag: Box, runs: Sequence[Run]) -> Run | None:
@@ -126,6 +129,7 @@ def audit_image(image: ImageSource,  # the photo
                 plan: Sequence[Sequence[Slot]] | None = None,  # its planned shelves
                 prices: dict[str, PriceEntry] | None = None,  # the price table
                 read_tags: bool = True,  # read the price tags' codes (and print) to name products and check prices
+                find_tags: bool = True,  # with `read_tags`: codes no detected tag holds become tags (`tags_by_code`)
                 ocr: bool = True,  # read printed prices with Tesseract, where installed
                 empty_spans: bool = False,  # count wide empty stretches between products as gaps
                 name: str | None = None,  # what the audit calls the image
@@ -135,6 +139,7 @@ def audit_image(image: ImageSource,  # the photo
     name = name or (str(image) if isinstance(image, (str, os.PathLike)) else 'image')
     readings: dict[Box, TagReading] = {}
     if read_tags:
+        if find_tags: boxes = [*boxes, *tags_by_code(photo, boxes)]
         readings = {b: read_tag(photo, b, prices, ocr) for b in boxes if b.kind == 'price_tag'}
         boxes = [dataclasses.replace(b, sku=readings[b].sku or b.sku) if b in readings else b for b in boxes]
         readings = {dataclasses.replace(b, sku=t.sku or b.sku): t for b, t in readings.items()}
@@ -147,12 +152,15 @@ def audit_image(image: ImageSource,  # the photo
     tags = [{'box': [round(v, 1) for v in (b.x0, b.y0, b.x1, b.y1)], **t.to_dict()} for b, t in readings.items()]
     return ShelfAudit(name, list(boxes), runs, out_of_stock(r for rr in runs for r in rr), issues, price_issues, tags)
 
+# %% ../../nbs/70f_apps_audit.ipynb #425e1b7f
+AUDIT_MIN_SCORE = 0.3  # detections a shelf audit counts by default; export shelf detectors with this `score_threshold` (or lower)
+
 # %% ../../nbs/70f_apps_audit.ipynb #381107b7
 def audit_files(bundle: str | os.PathLike,  # signed detector bundle
                 images: str | os.PathLike | Iterable[str | os.PathLike],  # photos and folders
                 planogram: str | os.PathLike | None = None,  # planogram file
                 prices: str | os.PathLike | None = None,  # price table CSV
-                min_score: float = 0.3,  # detections below this confidence are ignored
+                min_score: float = AUDIT_MIN_SCORE,  # detections below this confidence are ignored (the bundle's threshold stands when higher)
                 ocr: bool = True,  # read printed prices with Tesseract, where installed
                 empty_spans: bool = False,  # count wide empty stretches between products as gaps
                 trusted_keys: Any = None,  # see `Predictor.from_bundle`
@@ -164,6 +172,8 @@ def audit_files(bundle: str | os.PathLike,  # signed detector bundle
     table = read_prices(prices) if prices is not None else None
     predictor = Predictor.from_bundle(bundle, trusted_keys=trusted_keys, workspace=workspace)
     if predictor.task != 'detection': raise ConfigError(f"{bundle}: a shelf audit needs a detection bundle, this one does {predictor.task}")
+    if min_score < (floor := predictor.contract.postprocessing.score_threshold):
+        _log.warning("%s answers only from score %s: min_score %s has no effect below that (export it with a lower score_threshold)", bundle, floor, min_score)
     known = {l for l in predictor.labels if l not in ('product', 'gap', 'price_tag')} | set(table or {})
     plan = read_planogram(planogram, known if known else None) if planogram is not None else None
     out = []

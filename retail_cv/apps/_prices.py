@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from PIL import Image
 
@@ -27,7 +27,7 @@ from ..core import DataError
 
 # %% auto #0
 __all__ = ['PriceEntry', 'read_prices', 'price_embedded', 'TagReading', 'tag_from_code', 'tesseract_available', 'ocr_price',
-           'read_tag']
+           'read_tag', 'tags_by_code']
 
 # %% ../../nbs/70e_apps_prices.ipynb #63bf9ada
 @dataclass(frozen=True)
@@ -155,3 +155,17 @@ def read_tag(image: Image.Image,  # the shelf photo (RGB)
         tight = image.crop((max(0, int(box.x0 - e)), max(0, int(box.y0 - e)), min(image.width, int(box.x1 + e)), min(image.height, int(box.y1 + e))))
         tag = TagReading(tag.sku, tag.cents, ocr_price(tight), tag.code, tag.symbology)
     return tag
+
+# %% ../../nbs/70e_apps_prices.ipynb #13bcb655
+def tags_by_code(photo: Image.Image,  # the shelf photo (RGB)
+                 boxes: Sequence[Box],  # the detections on it
+                 retry: bool = False,  # read with `scan_image`'s retries (slower; finds smaller and blurrier codes)
+                ) -> list[Box]:
+    "Price tags the detector missed, found by their codes: each valid code outside every tag and product box, as a `price_tag` box."
+    out = []
+    for c in scan_image(photo, retry=retry).codes:
+        (x0, y0), (x1, y1), (cx, cy) = c.corners.min(0), c.corners.max(0), c.corners.mean(0)
+        if not c.valid or any(b.kind != 'gap' and b.x0 <= cx <= b.x1 and b.y0 <= cy <= b.y1 for b in [*boxes, *out]): continue
+        half = max(y1 - y0, 0.15 * (x1 - x0), 2.0) / 2  # a linear code's position can be a single scan line: give it the bars' height
+        out.append(Box(float(x0), float(cy - half), float(max(x1, x0 + 1)), float(cy + half), 'price_tag'))
+    return out

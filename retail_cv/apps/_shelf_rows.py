@@ -50,15 +50,27 @@ class Box:
                 'score': round(self.score, 4)}
 
 # %% ../../nbs/70c_apps_shelf_rows.ipynb #ec8d4616
+def _covered(b: Box, kept: Sequence[Box], max_overlap: float) -> bool:
+    "Whether more than `max_overlap` of `b` or of a kept product or gap box lies in the other (tags are never covered)."
+    for k in kept:
+        if b.kind == 'price_tag' or k.kind == 'price_tag': continue
+        w, h = min(b.x1, k.x1) - max(b.x0, k.x0), min(b.y1, k.y1) - max(b.y0, k.y0)
+        if w > 0 and h > 0 and w * h > max_overlap * min(b.width * b.height, k.width * k.height): return True
+    return False
+
+# %% ../../nbs/70c_apps_shelf_rows.ipynb #6ce647d8
 def boxes_from_detections(det: Any,  # a `retail_cv.preprocess.Detections` (boxes, scores, label_names)
                           min_score: float = 0.0,  # drop detections below this confidence
+                          max_overlap: float = 0.5,  # a product or gap box sharing more than this with a better-scoring one is dropped
                          ) -> list[Box]:
-    "Shelf boxes from a detector's output: `gap` and `price_tag` by name, every other class a product (its SKU unless `product`)."
+    "Shelf boxes from a detector's output: `gap` and `price_tag` by name, every other class a product (its SKU unless `product`); one box per spot."
     out = []
-    for b, s, name in zip(det.boxes, det.scores, det.label_names):
+    for i in sorted(range(len(det.scores)), key=lambda i: -float(det.scores[i])):
+        b, s, name = det.boxes[i], det.scores[i], det.label_names[i]
         if s < min_score or not (b[2] > b[0] and b[3] > b[1]): continue
         kind = name if name in ('gap', 'price_tag') else 'product'
-        out.append(Box(*map(float, b), kind, name if kind == 'product' and name != 'product' else None, float(s)))
+        box = Box(*map(float, b), kind, name if kind == 'product' and name != 'product' else None, float(s))
+        if not _covered(box, out, max_overlap): out.append(box)
     return out
 
 # %% ../../nbs/70c_apps_shelf_rows.ipynb #4b6c7575

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from ..apps import Box, PriceEntry, ShelfAudit, Slot, annotate, audit_image, boxes_from_detections, write_report
+from ..apps import AUDIT_MIN_SCORE, Box, PriceEntry, ShelfAudit, Slot, annotate, audit_image, boxes_from_detections, write_report
 from ..core import DataError, atomic_write
 from ..data.store import DatasetVersion
 from ._page import _e, _jpeg, _table
@@ -96,7 +96,7 @@ def audit_shelves(predictor: Any,  # a `runtime.Predictor` on a detector bundle 
                   version: DatasetVersion,  # synthetic shelves with ground truth
                   truth: dict[str, dict[str, Any]],  # `shelf_truth(version)`
                   prices: dict[str, PriceEntry],  # the store's table
-                  min_score: float = 0.3,  # detections below this confidence are ignored
+                  min_score: float = AUDIT_MIN_SCORE,  # detections below this confidence are ignored
                   ocr: bool = True,  # read printed prices with Tesseract, where installed
                  ) -> tuple[list[ShelfAudit], list[Image.Image]]:
     "Detect and audit every shelf of `version`: the audits and the photos."

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import yaml
 from pydantic import Field
 
+from ..apps import AUDIT_MIN_SCORE
 from ..core import RetailCVError, StrictModel, Workspace, atomic_write, parse_model
 from ..jobs import RunRecord, jobs_dir, load_run
 from ..pipeline import PipelineRun, parse_pipeline, run_pipeline
@@ -87,12 +88,13 @@ def demo_pipeline(config: DemoConfig | dict | None = None,  # options (default: 
         'evaluate_classifier': {'job': 'evaluate', 'params': {'model': '${train_classifier.outputs.checkpoint}',
                                                               'data': '${photos.outputs.version}', 'split': 'val'}},
     }
+    post = {'detector': {'postprocessing': {'score_threshold': AUDIT_MIN_SCORE}}}  # the bundle answers with every box the shelf audit counts
     # export gates and int8 calibration use the training data's splits; the held-out shelves stay for evaluation
     for role, train, data in (('detector', 'train_detector', 'shelves'), ('classifier', 'train_classifier', 'photos')):
         for p in c.profiles:
             steps[f'export_{role}_{_identifier(p)}'] = {'job': 'export', 'params': {
                 'checkpoint': f'${{{train}.outputs.checkpoint}}', 'profile': p, 'data': f'${{{data}.outputs.version}}',
-                'name': MODELS[role], 'generate_key': True}}
+                'name': MODELS[role], 'generate_key': True, **post.get(role, {})}}
     return {'name': 'demo', 'steps': steps}
 
 # %% ../../nbs/80a_demo_pipeline.ipynb #222b76c4
