@@ -131,7 +131,8 @@ def test_shelf_audit_is_the_library_audit_of_the_served_detector(env, server):
         # the detection behind the audit is logged like a prediction: ids and hashes, never the photo
         rec = next(x for x in _log(env) if x['prediction_id'] == got['audit_id'])
         assert (rec['image_sha256'], rec['store_id'], rec['device_id']) == (sha256_bytes(photo), 'store-42', 'cam-1')
-        assert len(rec['outputs']['detections']) == got['counts']['boxes']
+        by_code = sum(t['found_by'] == 'code' for t in got['tags'])  # tags the detector missed, found by their codes
+        assert 0 < got['counts']['boxes'] - by_code <= len(rec['outputs']['detections'])  # the detector's boxes, one per spot
     raw = b''.join(p.read_bytes() for p in (env['root']/'log').glob('predictions.jsonl*'))
     for p in env['photos']: assert p[200:264] not in raw and base64.b64encode(p)[200:264] not in raw
 

@@ -138,8 +138,10 @@ def audit_image(image: ImageSource,  # the photo
     photo = load_image(image, name)
     name = name or (str(image) if isinstance(image, (str, os.PathLike)) else 'image')
     readings: dict[Box, TagReading] = {}
+    by_code: set[tuple[float, ...]] = set()
     if read_tags:
-        if find_tags: boxes = [*boxes, *tags_by_code(photo, boxes)]
+        found = tags_by_code(photo, boxes) if find_tags else []
+        by_code, boxes = {(b.x0, b.y0, b.x1, b.y1) for b in found}, [*boxes, *found]
         readings = {b: read_tag(photo, b, prices, ocr) for b in boxes if b.kind == 'price_tag'}
         boxes = [dataclasses.replace(b, sku=readings[b].sku or b.sku) if b in readings else b for b in boxes]
         readings = {dataclasses.replace(b, sku=t.sku or b.sku): t for b, t in readings.items()}
@@ -149,7 +151,8 @@ def audit_image(image: ImageSource,  # the photo
     runs = [runs_of_row(r, widths, empty_spans, photo=photo) for r in rows]
     issues = check_planogram(runs, plan) if plan is not None else None  # names sold-out runs first
     price_issues = verify_prices(rows, runs, readings, prices) if prices is not None else None
-    tags = [{'box': [round(v, 1) for v in (b.x0, b.y0, b.x1, b.y1)], **t.to_dict()} for b, t in readings.items()]
+    tags = [{'box': [round(v, 1) for v in (b.x0, b.y0, b.x1, b.y1)], **t.to_dict(), 'found_by': 'code' if (b.x0, b.y0, b.x1, b.y1) in by_code else 'detector'}
+            for b, t in readings.items()]
     return ShelfAudit(name, list(boxes), runs, out_of_stock(r for rr in runs for r in rr), issues, price_issues, tags)
 
 # %% ../../nbs/70f_apps_audit.ipynb #425e1b7f

@@ -224,10 +224,11 @@ class TagOut(BaseModel):
     printed_price: str | None  # read by OCR
     code: str | None
     symbology: str | None
+    found_by: Literal['detector', 'code']  # 'code': a tag the detector missed, found by its code
 
 # %% ../../nbs/54_serve_schemas.ipynb #d98efd28
 class AuditCountsOut(BaseModel):
-    "How many boxes the detector found (above the score threshold) and how many issues the audit lists."
+    "How many boxes the audit used (the detector's above the score threshold, one per spot, and tags found by their codes) and how many issues it lists."
     boxes: int
     issues: int
 
