@@ -6,7 +6,8 @@ The bundle: `--bundle` (with `--workspace` for its trusted keys), or the champio
 
 For each held-out seed, `--shelves` shelves are rendered with the demo's framing and stored as the demo stores them,
 then every shelf is detected with the bundle on the torch-free runtime and audited by `apps.audit_image` (tags read
-from pixels: code by zxing-cpp, printed price by Tesseract unless `--no-ocr`) against:
+from pixels: code by zxing-cpp, printed price by Tesseract unless `--no-ocr`; tags the detector missed found by their
+codes, `apps.tags_by_code`) against:
 - a price table: the generator's, with `--price-changes` products repriced (`demo.changed_prices`): their tags are the
   true wrong prices;
 - a store planogram: the generator's plan with ONE known change per shelf, cycling through four kinds so the truth
@@ -17,7 +18,8 @@ Scores: out of stock at facing level and wrong-price tags by `demo.score_audits`
 true ones by row + product + kind (F1). Two references run on the same shelves: `oracle` (the generator's own boxes
 with their SKUs, no tag reading: checks the planogram logic and the truth built here) and `truth_boxes` (the
 generator's boxes as kinds, tags read from pixels exactly as with the bundle: everything but the detector). The gap
-between truth_boxes and bundle is the detector's; between oracle and truth_boxes, tag reading and naming.
+between truth_boxes and bundle is the detector's; between oracle and truth_boxes, tag reading and naming. Detection
+stages count the detector's own boxes; `price_tags_found_by_code` counts the tags its codes found on top.
 Writes bench/results/shelf_audit.json: per seed and pooled numbers, per-stage diagnostics, timings, targets met or not.
 
     python bench/bench_shelf_audit.py --workspace /tmp/dh15/ws                    # its champion detector bundle
@@ -41,6 +43,10 @@ from retail_cv.demo import DemoConfig, changed_prices, demo_pipeline, score_audi
 from retail_cv.demo._audit import _iou, _xyxy  # noqa: E402
 from retail_cv.apps._planogram import _merged  # noqa: E402  (the grouping the planogram check aligns: one home)
 
+GROCERY = ROOT.parent/'shared'/'data'/'grocery'
+# the real-photos issue's realism options that fit a camera framing one or two shelves: price-first tags at real-photo
+# sizes (28-48 px) model a far camera, so tags keep their scannable codes here
+REALISM = {'faces': str(GROCERY), 'skus': 200, 'edge_clutter': 0.8, 'roll': 5.0}
 TARGETS = {'out_of_stock_precision': 0.9, 'out_of_stock_recall': 0.9, 'planogram_f1': 0.85,
            'wrong_price_precision': 0.95, 'wrong_price_recall': 0.9}
 PLAN_KINDS = ('misplaced', 'wrong_facings', 'missing', 'extra')
@@ -48,14 +54,15 @@ PLAN_KINDS = ('misplaced', 'wrong_facings', 'missing', 'extra')
 
 # ---------------------------------------------------------------- the bundle
 
-def _train(ws: Workspace, minutes: float, shelf_images: int, profile: str) -> tuple[str, dict]:
-    "A detector trained and exported by the demo's own pipeline steps (data, train, export for one profile)."
+def _train(ws: Workspace, minutes: float, shelf_images: int, profile: str, realism: dict) -> tuple[str, dict]:
+    "A detector trained and exported by the demo's own pipeline steps (data, train, export for one profile), on shelves with `realism`."
     from retail_cv.jobs import jobs_dir, load_run
     from retail_cv.pipeline import parse_pipeline, run_pipeline
     cfg = DemoConfig(detector_minutes=minutes, shelf_images=shelf_images, profiles=[profile])
     spec = demo_pipeline(cfg)
     export = f"export_detector_{profile.replace('-', '_').replace('.', '_')}"
     spec = {'name': 'bench-shelf-audit', 'steps': {k: spec['steps'][k] for k in ('shelves', 'train_detector', export)}}
+    spec['steps']['shelves']['params']['synth_config'].update(realism)
     t0 = time.perf_counter()
     run = run_pipeline(parse_pipeline(spec, base=jobs_dir()), ws,
                        on_step=lambda s: print(f"  {s.step}: {s.status}", flush=True))
@@ -206,8 +213,10 @@ def _match(found: list[tuple], true: list[tuple], min_iou: float = 0.5) -> list[
 def _diagnose(audit, anns, names, changed: set[str], d: Counter) -> None:
     "Where one shelf's audit loses, stage by stage: detection per kind, tag reading, naming, rows, price-issue sources."
     true = {k: [(_xyxy(a.bbox), a) for a in anns if names[a.category_id] == k] for k in ('product', 'gap', 'price_tag')}
+    by_code = {tuple(t['box']) for t in audit.tags if t.get('found_by') == 'code'}
+    is_code = lambda b: tuple(round(v, 1) for v in (b.x0, b.y0, b.x1, b.y1)) in by_code
     for k in true:
-        found = [b for b in audit.boxes if b.kind == k]
+        found = [b for b in audit.boxes if b.kind == k and not is_code(b)]  # the detector's own boxes
         pairs = _match([(b.x0, b.y0, b.x1, b.y1) for b in found], [t for t, _ in true[k]])
         d[f'{k}_true'] += len(true[k]); d[f'{k}_found'] += len(found); d[f'{k}_matched'] += len(pairs)
         if k == 'product':  # naming: the SKU its tag gave it
@@ -227,6 +236,12 @@ def _diagnose(audit, anns, names, changed: set[str], d: Counter) -> None:
                 d['tag_printed_right'] += t['printed_price'] == f"{a.attributes['price']:.2f}"
                 if a.attributes['sku'] in changed: d['repriced_tags_detected'] += 1; d['repriced_tags_code_read'] += t['sku'] == a.attributes['sku']
             d['repriced_tags_true'] += sum(a.attributes['sku'] in changed for _, a in true[k])
+            # tags found by their codes: a code-sized box, so matched by its centre lying in a tag the detector missed
+            missed = [t for n, (t, _) in enumerate(true[k]) if n not in {j for _, j in _match([(b.x0, b.y0, b.x1, b.y1) for b in found], [t for t, _ in true[k]])}]
+            for b in (b for b in audit.boxes if b.kind == k and is_code(b)):
+                d['price_tag_by_code_found'] += 1
+                hit = next((t for t in missed if t[0] <= (b.x0 + b.x1) / 2 <= t[2] and t[1] <= (b.y0 + b.y1) / 2 <= t[3]), None)
+                if hit is not None: d['price_tag_by_code_matched'] += 1; missed.remove(hit)
     n_rows = len({a.attributes['shelf'] for a in anns if names[a.category_id] != 'price_tag'})
     d['shelves'] += 1; d['rows_true'] += n_rows; d['rows_found'] += len(audit.runs); d['shelves_row_count_right'] += len(audit.runs) == n_rows
     for i in audit.prices or []:
@@ -241,6 +256,8 @@ def _stages(d: Counter) -> dict:
     return {
         'detection_recall_iou50': {k: rate(f'{k}_matched', f'{k}_true') for k in ('product', 'gap', 'price_tag')},
         'detection_precision_iou50': {k: rate(f'{k}_matched', f'{k}_found') for k in ('product', 'gap', 'price_tag')},
+        'price_tags_found_by_code': {'found': d['price_tag_by_code_found'], 'missed_by_detector_found': d['price_tag_by_code_matched'],
+                                     'tag_recall_with_codes': _r((d['price_tag_matched'] + d['price_tag_by_code_matched']) / d['price_tag_true']) if d['price_tag_true'] else None},
         'missing_facings_in_detected_gaps': _r(d['gap_facings_true_of_matched'] / max(1, d['gap_facings_true_of_matched'] + d['gap_facings_true_of_missed'])),
         'products_named_right_of_detected': rate('product_named_right', 'product_matched'),
         'tag_code_read_right_of_detected': rate('tag_code_read_right', 'tags_read_matched'),
@@ -361,8 +378,11 @@ def main():
     ap.add_argument('--no-ocr', dest='ocr', action='store_false', help="read tags by their codes only (no Tesseract)")
     ap.add_argument('--no-references', dest='references', action='store_false', help="skip the oracle and truth-box runs")
     ap.add_argument('--reference-shelves', type=int, default=100, help="shelves per seed of the truth-box run (it reads every tag again)")
-    ap.add_argument('--out', type=Path, default=ROOT/'bench'/'results'/'shelf_audit.json')
+    ap.add_argument('--realism', action='store_true', help="render training and held-out shelves with REALISM (needs ../shared/data/grocery)")
+    ap.add_argument('--out', type=Path, help="default bench/results/shelf_audit.json, or shelf_audit_realism.json with --realism")
     a = ap.parse_args()
+    a.out = a.out or ROOT/'bench'/'results'/('shelf_audit_realism.json' if a.realism else 'shelf_audit.json')
+    if a.realism and not GROCERY.is_dir(): raise SystemExit(f"--realism needs the Grocery Store photos at {GROCERY}")
     from retail_cv.runtime import Predictor
     if a.train_minutes is None and a.workspace is None: raise SystemExit("give --workspace (a demo workspace), --bundle with --workspace, or --train-minutes")
     if a.ocr and not tesseract_available(): raise SystemExit("tesseract is not installed: install it or pass --no-ocr")
@@ -376,7 +396,7 @@ def main():
         if ws_dir.exists() and any(ws_dir.iterdir()): raise SystemExit(f"{ws_dir} is not empty: training needs a fresh workspace")
         ws = Workspace.open(ws_dir)
         print(f"training the demo's detector for {a.train_minutes} min in {ws_dir}", flush=True)
-        bundle, trained = _train(ws, a.train_minutes, a.train_shelves, a.profile)
+        bundle, trained = _train(ws, a.train_minutes, a.train_shelves, a.profile, REALISM if a.realism else {})
     else:
         ws = Workspace.open(a.workspace)
         bundle, trained = (str(a.bundle), {'trained_here': False}) if a.bundle else _champion(ws, a.profile)
@@ -384,7 +404,7 @@ def main():
     if predictor.task != 'detection' or not {'gap', 'price_tag'} <= set(predictor.labels):
         raise SystemExit(f"{bundle}: not a shelf detector (labels {predictor.labels})")
     store_ws = Workspace.open(tmp/'heldout-ws')  # the held-out shelves stay out of the model's workspace
-    framing = demo_pipeline(DemoConfig())['steps']['heldout']['params']['synth_config']
+    framing = {**demo_pipeline(DemoConfig())['steps']['heldout']['params']['synth_config'], **(REALISM if a.realism else {})}
     ref_modes = ['oracle', 'truth_boxes'] if a.references else []
     print(f"bundle {bundle}\n{a.shelves} shelves x seeds {a.seeds}, OCR {'on' if a.ocr else 'off'}, references {ref_modes or 'off'}", flush=True)
     seeds = []
@@ -426,7 +446,9 @@ def main():
         'notes': ["out of stock at facing level and wrong-price tags scored by retail_cv.demo.score_audits (IoU >= 0.3 one-to-one)",
                   "planogram issues matched by row + kind + product; a swap counts as found when either product is reported misplaced",
                   "oracle: the generator's boxes with SKUs, no tag reading; truth_boxes: its boxes as kinds, tags read from pixels as with the bundle",
-                  "no realism preset of the real-photos issue exists yet: shelves use the generator's defaults with the demo's framing"],
+                  ("shelves rendered with the real-photos issue's realism options that fit this framing (Grocery photos as packaging, "
+                   "a busy shelf edge, camera roll; training shelves too); tags keep their scannable codes" if a.realism else
+                   "shelves use the generator's defaults with the demo's framing (--realism adds the real-photos options)")],
     }
     atomic_write(a.out, json.dumps(result, indent=1) + '\n')
     print(json.dumps({'targets': result['targets'], 'per_shelf_s_median': result['per_shelf_s_median'], 'wall_s': result['wall_s']}, indent=1))
