@@ -43,6 +43,13 @@ def test_demo_runs_every_step(demo_runs):
     bundles = {Path(r['artifacts']['bundle']['path']) for r in exports}
     assert len(exports) == len(bundles) == 4 and all(b.is_file() for b in bundles), bundles
     assert len(list((ws/'bundles').rglob('*.tar*'))) == 4
+    # the detector's bundles answer with every box the shelf audit counts; the classifier's keep the default threshold
+    from retail_cv.apps import AUDIT_MIN_SCORE
+    from retail_cv.bundle import verify_bundle
+    from retail_cv.core import Workspace
+    floors = {(r['parameters']['name'], verify_bundle(Path(r['artifacts']['bundle']['path']), workspace=Workspace.open(ws)).meta.contract.postprocessing.score_threshold)
+              for r in exports}
+    assert floors == {('shelf-detector', AUDIT_MIN_SCORE), ('product-classifier', 0.5)}, floors
 
 
 def test_second_run_reuses_every_job_step(demo_runs):

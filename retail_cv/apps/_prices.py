@@ -1,4 +1,4 @@
-"""The store's price table from CSV, and what a shelf-edge tag says: the product and price its barcode or QR code carries, and the price printed on it, read by Tesseract OCR where it is installed.
+"""The store's price table from CSV, and what a shelf-edge tag says: the product and price its barcode or QR code carries, and the price printed on it, read by Tesseract OCR where it is installed; tags a detector missed, found by their codes.
 
 Docs: https://retail-cv.github.io/retail_cv/apps_prices.html.md"""
 
