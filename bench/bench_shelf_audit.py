@@ -218,6 +218,7 @@ def _diagnose(audit, anns, names, changed: set[str], d: Counter) -> None:
     for k in true:
         found = [b for b in audit.boxes if b.kind == k and not is_code(b)]  # the detector's own boxes
         pairs = _match([(b.x0, b.y0, b.x1, b.y1) for b in found], [t for t, _ in true[k]])
+        detected = {j for _, j in pairs}
         d[f'{k}_true'] += len(true[k]); d[f'{k}_found'] += len(found); d[f'{k}_matched'] += len(pairs)
         if k == 'product':  # naming: the SKU its tag gave it
             d['product_named_right'] += sum(found[i].sku == true[k][j][1].attributes['sku'] for i, j in pairs)
@@ -237,7 +238,7 @@ def _diagnose(audit, anns, names, changed: set[str], d: Counter) -> None:
                 if a.attributes['sku'] in changed: d['repriced_tags_detected'] += 1; d['repriced_tags_code_read'] += t['sku'] == a.attributes['sku']
             d['repriced_tags_true'] += sum(a.attributes['sku'] in changed for _, a in true[k])
             # tags found by their codes: a code-sized box, so matched by its centre lying in a tag the detector missed
-            missed = [t for n, (t, _) in enumerate(true[k]) if n not in {j for _, j in _match([(b.x0, b.y0, b.x1, b.y1) for b in found], [t for t, _ in true[k]])}]
+            missed = [t for n, (t, _) in enumerate(true[k]) if n not in detected]
             for b in (b for b in audit.boxes if b.kind == k and is_code(b)):
                 d['price_tag_by_code_found'] += 1
                 hit = next((t for t in missed if t[0] <= (b.x0 + b.x1) / 2 <= t[2] and t[1] <= (b.y0 + b.y1) / 2 <= t[3]), None)
